@@ -1,0 +1,169 @@
+"""Per-architecture table: where things live inside an unmodified Hugging Face encoder-decoder.
+
+Every PET module is placed by name through this table, so supporting a new architecture is one
+`ArchSpec` entry. Paths are dotted attribute paths; sub-layer paths are relative to one layer.
+
+A *sub-layer* names the module whose output is the frozen H (`wrap`) and the module whose input is
+the gate's X (`capture`; None means the wrapped module's own first input). This encodes spec §1.5:
+BART (post-LN) gates read the layer input; T5 and other pre-LN models read the un-normalised
+residual stream, i.e. the input of the sub-layer's LayerNorm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    wrap: str
+    capture: str | None = None
+    output_index: int | None = None  # index of H in a tuple output; None for a plain tensor
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    model_types: tuple[str, ...]
+    encoder: str  # path of the encoder stack (has the embedding / layers)
+    encoder_layers: str
+    decoder_layers: str
+    shared_embedding: str
+    sublayers: dict[str, Sublayer]
+    projections: dict[str, str]  # "<stack>.<sublayer>.<q|k|v|o>" -> path relative to a layer
+    # Modules that must see only the text part of the joint [text ; visual] sequence (spec §3.3).
+    text_only_positions: str | None = None
+    text_only_norm: str | None = None
+    relative_bias: str | None = None  # embedding whose output is the [q, k, heads] bias
+    norm: str = "layernorm"  # "layernorm" (with bias) or "rms" (T5: weight only, no mean)
+    norm_eps: float = 1e-5
+    # Initialisation the official code gives new modules (spec §1.4): "normal" = N(0, init_std)
+    # weights and zero bias (BART's _init_weights hook), "torch" = PyTorch defaults (T5 ignores
+    # plain nn.Linear in its _init_weights).
+    init: str = "normal"
+    init_std: float = 0.02
+    new_vocab_row_std: float = 0.02  # T5: nn.Embedding's N(0, 1)
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+_BART_SUBLAYERS = {
+    "encoder.self_attn": Sublayer("self_attn", None, 0),
+    "encoder.ffn": Sublayer("fc2", "fc1", None),
+    "decoder.self_attn": Sublayer("self_attn", None, 0),
+    "decoder.cross_attn": Sublayer("encoder_attn", None, 0),
+    "decoder.ffn": Sublayer("fc2", "fc1", None),
+}
+# Pre-LN BART descendants (mBART, Pegasus, Marian-style with normalize_before): the gate reads the
+# residual stream, i.e. the input of the sub-layer's LayerNorm.
+_PRELN_BART_SUBLAYERS = {
+    "encoder.self_attn": Sublayer("self_attn", "self_attn_layer_norm", 0),
+    "encoder.ffn": Sublayer("fc2", "final_layer_norm", None),
+    "decoder.self_attn": Sublayer("self_attn", "self_attn_layer_norm", 0),
+    "decoder.cross_attn": Sublayer("encoder_attn", "encoder_attn_layer_norm", 0),
+    "decoder.ffn": Sublayer("fc2", "final_layer_norm", None),
+}
+
+
+def _bart_projections() -> dict[str, str]:
+    out = {}
+    for stack, subs in (("encoder", {"self_attn": "self_attn"}),
+                        ("decoder", {"self_attn": "self_attn", "cross_attn": "encoder_attn"})):
+        for sub, attr in subs.items():
+            for p in "qkvo":
+                out[f"{stack}.{sub}.{p}"] = f"{attr}.{'out' if p == 'o' else p}_proj"
+    return out
+
+
+def _t5_projections() -> dict[str, str]:
+    out = {}
+    for key, attr in (("encoder.self_attn", "layer.0.SelfAttention"),
+                      ("decoder.self_attn", "layer.0.SelfAttention"),
+                      ("decoder.cross_attn", "layer.1.EncDecAttention")):
+        for p in "qkvo":
+            out[f"{key}.{p}"] = f"{attr}.{p}"
+    return out
+
+
+BART = ArchSpec(
+    name="bart",
+    model_types=("bart",),
+    encoder="model.encoder",
+    encoder_layers="model.encoder.layers",
+    decoder_layers="model.decoder.layers",
+    shared_embedding="model.shared",
+    sublayers=_BART_SUBLAYERS,
+    projections=_bart_projections(),
+    text_only_positions="model.encoder.embed_positions",
+    text_only_norm="model.encoder.layernorm_embedding",
+    norm="layernorm",
+    init="normal",
+    init_std=0.02,
+    new_vocab_row_std=0.02,
+    notes="post-LN; the gate's X is the layer input (spec §1.5)",
+)
+
+T5 = ArchSpec(
+    name="t5",
+    model_types=("t5", "mt5", "umt5"),
+    encoder="encoder",
+    encoder_layers="encoder.block",
+    decoder_layers="decoder.block",
+    shared_embedding="shared",
+    sublayers={
+        "encoder.self_attn": Sublayer("layer.0.SelfAttention", "layer.0.layer_norm", 0),
+        "encoder.ffn": Sublayer("layer.1.DenseReluDense", "layer.1.layer_norm", None),
+        "decoder.self_attn": Sublayer("layer.0.SelfAttention", "layer.0.layer_norm", 0),
+        "decoder.cross_attn": Sublayer("layer.1.EncDecAttention", "layer.1.layer_norm", 0),
+        "decoder.ffn": Sublayer("layer.2.DenseReluDense", "layer.2.layer_norm", None),
+    },
+    projections=_t5_projections(),
+    relative_bias="encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+    norm="rms",
+    norm_eps=1e-6,
+    init="torch",
+    new_vocab_row_std=1.0,
+    notes="pre-LN; the gate's X is the un-normalised residual stream (spec §1.5)",
+)
+
+MBART = ArchSpec(
+    name="mbart",
+    model_types=("mbart",),
+    encoder="model.encoder",
+    encoder_layers="model.encoder.layers",
+    decoder_layers="model.decoder.layers",
+    shared_embedding="model.shared",
+    sublayers=_PRELN_BART_SUBLAYERS,
+    projections=_bart_projections(),
+    text_only_positions="model.encoder.embed_positions",
+    text_only_norm="model.encoder.layernorm_embedding",
+    notes="generic path: pre-LN BART descendant",
+)
+
+PEGASUS = ArchSpec(
+    name="pegasus",
+    model_types=("pegasus",),
+    encoder="model.encoder",
+    encoder_layers="model.encoder.layers",
+    decoder_layers="model.decoder.layers",
+    shared_embedding="model.shared",
+    sublayers=_PRELN_BART_SUBLAYERS,
+    projections=_bart_projections(),
+    text_only_positions="model.encoder.embed_positions",
+    notes="generic path: pre-LN, sinusoidal positions",
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (BART, T5, MBART, PEGASUS)
+
+
+def arch_for(model_type: str) -> ArchSpec:
+    for spec in ARCHITECTURES:
+        if model_type in spec.model_types:
+            return spec
+    known = sorted(t for s in ARCHITECTURES for t in s.model_types)
+    raise ConfigError(
+        f"backbone model_type {model_type!r} has no entry in vlpet's architecture table; "
+        f"supported: {', '.join(known)} (add an ArchSpec in vlpet/backbones/arch.py)"
+    )

@@ -1,0 +1,137 @@
+"""Loading backbones and tokenizers the way users expect: a built-in name, a hub id or a local folder.
+
+`bart-base` and `t5-base` are built offline from the configs shipped in `configs/` with random
+weights (for `vlpet params`, benchmarks and tests); `facebook/bart-base`, `t5-base`-style hub ids or
+a folder load pretrained weights through `AutoModelForSeq2SeqLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+N_EXTRA_IDS = 100  # <extra_id_*> (T5 sentinels) and <vis_extra_id_*> (object-order rows), spec §3.4
+
+
+@dataclass(frozen=True)
+class BuiltinBackbone:
+    config_file: str
+    hub_id: str  # where the real weights and tokenizer live, for users with internet
+    vocab_after_extension: int  # rows after adding the 200 VL tokens (spec §2.3 / §3.4)
+
+
+BUILTIN_BACKBONES = {
+    "bart-base": BuiltinBackbone("bart-base.json", "facebook/bart-base", 50265 + 2 * N_EXTRA_IDS),
+    "t5-base": BuiltinBackbone("t5-base.json", "google-t5/t5-base", 32000 + 2 * N_EXTRA_IDS),
+}
+
+
+def builtin_config(name: str):
+    from transformers import AutoConfig
+
+    spec = BUILTIN_BACKBONES[name]
+    text = resources.files("vlpet.backbones").joinpath("configs", spec.config_file).read_text()
+    data = {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+    model_type = data.pop("model_type")
+    return AutoConfig.for_model(model_type, **data)
+
+
+def _is_local(name: str) -> bool:
+    return os.path.sep in name or name.startswith(".") or Path(name).exists()
+
+
+def load_backbone(name_or_path: str, *, seed: int = 0, meta: bool = False, dtype: torch.dtype | None = None):
+    """Return an unmodified HF seq2seq LM.
+
+    `meta=True` builds the architecture without allocating weights (parameter counting).
+    Built-in names get random weights drawn under `seed`, so the same seed rebuilds the same model.
+    """
+    from transformers import AutoModelForSeq2SeqLM
+
+    if name_or_path in BUILTIN_BACKBONES:
+        config = builtin_config(name_or_path)
+        if meta:
+            with torch.device("meta"):
+                return AutoModelForSeq2SeqLM.from_config(config)
+        with _fork_rng(seed):
+            model = AutoModelForSeq2SeqLM.from_config(config)
+        return model
+    if _is_local(name_or_path) and not Path(name_or_path).is_dir():
+        raise ConfigError(f"backbone folder {name_or_path!r} does not exist; give a built-in name "
+                          f"({', '.join(BUILTIN_BACKBONES)}), a Hugging Face id or an existing folder")
+    try:
+        if meta:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(name_or_path)
+            with torch.device("meta"):
+                return AutoModelForSeq2SeqLM.from_config(config)
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"could not load backbone {name_or_path!r} as a Hugging Face seq2seq model ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); built-in offline names: {', '.join(BUILTIN_BACKBONES)}"
+        ) from exc
+
+
+def load_tokenizer(name_or_path: str, required: bool = False):
+    """The backbone's tokenizer with the 200 VL tokens added, or None when it cannot be had offline."""
+    from transformers import AutoTokenizer
+
+    source = BUILTIN_BACKBONES[name_or_path].hub_id if name_or_path in BUILTIN_BACKBONES else name_or_path
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        if required:
+            raise ConfigError(f"could not load a tokenizer for backbone {name_or_path!r} from {source!r}: "
+                              f"{str(exc).splitlines()[0][:200]}") from exc
+        return None
+    extend_tokenizer(tok)
+    return tok
+
+
+def vl_special_tokens(tokenizer) -> list[str]:
+    """The tokens VL-T5 adds, in its order: <extra_id_99>..<extra_id_0>, <vis_extra_id_99>..<vis_extra_id_0>."""
+    vocab = tokenizer.get_vocab()
+    wanted = [f"<extra_id_{i}>" for i in reversed(range(N_EXTRA_IDS))]
+    wanted += [f"<vis_extra_id_{i}>" for i in reversed(range(N_EXTRA_IDS))]
+    return [t for t in wanted if t not in vocab]
+
+
+def extend_tokenizer(tokenizer) -> int:
+    """Add the missing VL tokens (T5 tokenizers already hold the 100 <extra_id_*>); returns how many."""
+    missing = vl_special_tokens(tokenizer)
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return len(missing)
+
+
+def vocab_size_after_extension(name_or_path: str, model, tokenizer) -> int:
+    if tokenizer is not None:
+        return len(tokenizer)
+    if name_or_path in BUILTIN_BACKBONES:
+        return BUILTIN_BACKBONES[name_or_path].vocab_after_extension
+    return model.get_input_embeddings().num_embeddings + 2 * N_EXTRA_IDS
+
+
+class _fork_rng:
+    """Seed torch's CPU RNG inside the block and restore the caller's RNG state afterwards."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.random.set_rng_state(self.state)
+        return False

@@ -1,0 +1,391 @@
+"""`VLModel`: an unmodified HF encoder-decoder that reads visual features, with a PET method placed in it.
+
+    model = VLModel.build("facebook/bart-base", "vl-pet-large")      # or "bart-base" (offline, random)
+    out = model(input_ids, attention_mask, vis_feats=feats, labels=labels)   # out.loss, out.logits
+    ids = model.generate(input_ids, attention_mask, vis_feats=feats, num_beams=5, max_length=40)
+    model.save_pretrained("adapter/")                                  # trainable tensors + config only
+    model = VLModel.from_pretrained("adapter/")                       # base model + adapter folder
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from .backbones.arch import ArchSpec, arch_for
+from .backbones.joint import JointContext, TextOnlyNorm, TextOnlyPositions, TextOnlyRelativeBias
+from .backbones.loading import load_backbone, load_tokenizer, vocab_size_after_extension
+from .backbones.visual import RMSNorm, VisualEmbedding, pool_grid
+from .errors import CheckpointError, ConfigError, ShapeError
+from .granularity import GatedModification
+from .method import MethodConfig
+from .methods.hyperformer import HyperAdapter, HyperNetController, TaskEmbeddings
+from .methods.prompt import EncoderPrompt
+from .placement import GatedSublayer, apply_zero_init, get_module, init_new_modules, place_modules, set_module
+from .presets import ALL_SUBLAYERS, get_preset
+
+CONFIG_NAME = "vlpet_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+ADDED_ROWS_KEY = "__vlpet__.added_vocab_rows"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class VisualConfig:
+    feat_dim: int = 2048
+    pool_side: int | None = 6  # 7x7 grid -> 6x6 (36 tokens, spec §3.1); None keeps the tokens (video)
+    n_images: int = 2
+    video: bool = False
+
+    @classmethod
+    def for_task(cls, video: bool = False, feat_dim: int | None = None) -> "VisualConfig":
+        if video:
+            return cls(feat_dim=feat_dim or 512, pool_side=None, n_images=2, video=True)
+        return cls(feat_dim=feat_dim or 2048)
+
+
+class VLModel(nn.Module):
+    def __init__(self, backbone: nn.Module, method: MethodConfig, visual: VisualConfig, *,
+                 backbone_name: str, tokenizer=None, vocab_rows: int | None = None, seed: int = 0):
+        super().__init__()
+        cfg = backbone.config
+        self.arch: ArchSpec = arch_for(cfg.model_type)
+        self.method = method
+        self.visual_config = visual
+        self.backbone_name = backbone_name
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.d_model = cfg.d_model
+        self.ctx = JointContext()
+        meta = next(backbone.parameters()).device.type == "meta"
+
+        with _seeded(seed, enabled=not meta):
+            self.original_vocab_rows = backbone.get_input_embeddings().num_embeddings
+            rows = vocab_rows or vocab_size_after_extension(backbone_name, backbone, tokenizer)
+            self._extend_vocabulary(backbone, rows)
+            self.backbone = backbone
+            self._wrap_joint_input()
+            self.visual_embedding = VisualEmbedding(visual.feat_dim, self.d_model, self.arch.norm, self.arch.norm_eps,
+                                                    n_images=visual.n_images)
+            new_modules: list[nn.Module] = [self.visual_embedding]
+            created = place_modules(self.backbone, self.arch, method, self.ctx, self.d_model)
+            new_modules += [m for m, _ in created]
+            self.prompt = EncoderPrompt(self.d_model, method.prompt.length, method.prompt.mid_dim) \
+                if method.prompt else None
+            if self.prompt is not None:
+                new_modules.append(self.prompt)
+            if method.hyperformer is not None:
+                new_modules += self._place_hyperformer()
+            init_new_modules(new_modules, self.arch)
+            apply_zero_init(created)
+            lora_modules = []
+            if method.lora is not None:
+                from .methods.lora import inject_lora
+
+                lora_modules = inject_lora(self.backbone, self.arch, method.lora)
+            if method.add_biases:
+                _add_zero_biases(self)
+        self._pet_modules = new_modules[1:] + lora_modules
+        self._set_neutral_generation_config()
+        self.configure_trainable()
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, backbone: str = "bart-base", method: str | MethodConfig = "vl-pet-large", *,
+              video: bool = False, feat_dim: int | None = None, tokenizer=None, seed: int = 0,
+              meta: bool = False, load_tok: bool = True) -> "VLModel":
+        """Backbone: a built-in name (offline, random weights), a HF id or a local folder."""
+        model = load_backbone(backbone, seed=seed, meta=meta)
+        arch = arch_for(model.config.model_type)
+        if isinstance(method, str):
+            method = get_preset(method, arch.name, video=video)
+        if tokenizer is None and load_tok and not meta:
+            tokenizer = load_tokenizer(backbone)
+        return cls(model, method, VisualConfig.for_task(video, feat_dim), backbone_name=backbone,
+                   tokenizer=tokenizer, seed=seed)
+
+    def _extend_vocabulary(self, backbone, rows: int) -> None:
+        old = backbone.get_input_embeddings().num_embeddings
+        if rows == old:
+            return
+        backbone.resize_token_embeddings(rows, mean_resizing=False)
+        emb = backbone.get_input_embeddings().weight
+        if rows > old and emb.device.type != "meta":
+            # The added rows (spec §3.2): N(0, 0.02) for BART, N(0, 1) for T5; frozen, read by the
+            # visual embedding as object-order rows. Saved in every adapter folder.
+            with torch.no_grad():
+                emb[old:].normal_(0.0, self.arch.new_vocab_row_std)
+
+    def _wrap_joint_input(self) -> None:
+        a = self.arch
+        if a.text_only_positions:
+            set_module(self.backbone, a.text_only_positions,
+                       TextOnlyPositions(get_module(self.backbone, a.text_only_positions), self.ctx))
+        if a.text_only_norm:
+            set_module(self.backbone, a.text_only_norm,
+                       TextOnlyNorm(get_module(self.backbone, a.text_only_norm), self.ctx))
+        if a.relative_bias:
+            set_module(self.backbone, a.relative_bias,
+                       TextOnlyRelativeBias(get_module(self.backbone, a.relative_bias), self.ctx))
+
+    def _place_hyperformer(self) -> list[nn.Module]:
+        spec = self.method.hyperformer
+        self.task_embeddings = TaskEmbeddings(spec.tasks, spec.task_embedding_dim)
+        created: list[nn.Module] = [self.task_embeddings]
+        self.hypernets = nn.ModuleDict()
+        for stack in ("encoder", "decoder"):
+            placements = [p for p in ALL_SUBLAYERS if p.startswith(stack)]
+            blocks = [p.split(".")[1] for p in placements]
+            layers = list(get_module(self.backbone, self.arch.encoder_layers if stack == "encoder"
+                                     else self.arch.decoder_layers))
+            ctrl = HyperNetController(len(layers), blocks, self.d_model, spec.r, spec.task_embedding_dim,
+                                      spec.task_hidden_dim, spec.projected_dim)
+            self.hypernets[stack] = ctrl
+            created.append(ctrl)
+            for i, layer in enumerate(layers):
+                for placement, block in zip(placements, blocks):
+                    sub = self.arch.sublayers[placement]
+                    delta = HyperAdapter(ctrl, self.task_embeddings, i, block, self.ctx)
+                    pet = GatedModification(delta, None)
+                    set_module(layer, sub.wrap, GatedSublayer(get_module(layer, sub.wrap), pet, sub.output_index,
+                                                              None, self.ctx))
+        return created
+
+    def _set_neutral_generation_config(self) -> None:
+        """Nothing is inherited from a backbone's generation defaults (spec §3.7, §8.1.9): every call
+        pins its own settings through `generate(...)`."""
+        from transformers import GenerationConfig
+
+        c = self.backbone.config
+        self.backbone.generation_config = GenerationConfig(
+            decoder_start_token_id=c.decoder_start_token_id, bos_token_id=getattr(c, "bos_token_id", None),
+            eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+
+    # -- trainable set (spec §2.3) -------------------------------------------------------------
+    def configure_trainable(self) -> None:
+        extras = set(self.method.trainable)
+        for p in self.parameters():
+            p.requires_grad_("all" in extras)
+        if "all" in extras:
+            return
+        if "visual_embedding" in extras:
+            self.visual_embedding.requires_grad_(True)
+        if "encoder_layer_norms" in extras or "all_layer_norms" in extras:
+            root = get_module(self.backbone, self.arch.encoder) if "all_layer_norms" not in extras else self.backbone
+            for m in root.modules():
+                if _is_norm(m):
+                    m.requires_grad_(True)
+        if "biases" in extras:
+            for name, p in self.backbone.named_parameters():
+                if name.endswith("bias"):
+                    p.requires_grad_(True)
+        for m in self._pet_modules:
+            m.requires_grad_(True)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) over unique parameters: the paper's Params % definition (spec §2.3)."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        t, n = self.parameter_counts()
+        print(f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / n:.4f}")
+
+    # -- forward -----------------------------------------------------------------------------------
+    def visual_tokens(self, vis_feats: torch.Tensor, vis_attention_mask=None, boxes=None):
+        """[B, V, F] or [B, M, V, F] -> ([B, M·V', D] embeddings, [B, M·V'] mask)."""
+        vc = self.visual_config
+        if vis_feats.dim() == 3:
+            vis_feats = vis_feats.unsqueeze(1)
+            if vis_attention_mask is not None:
+                vis_attention_mask = vis_attention_mask.unsqueeze(1)
+        if vis_feats.dim() != 4 or vis_feats.shape[-1] != vc.feat_dim:
+            raise ShapeError(f"vis_feats has shape {tuple(vis_feats.shape)}; expected [B, V, {vc.feat_dim}] or "
+                             f"[B, M, V, {vc.feat_dim}] (feat_dim {vc.feat_dim} for this model)")
+        b, m, v, f = vis_feats.shape
+        if m > vc.n_images:
+            raise ShapeError(f"vis_feats has {m} images per example; this model takes at most {vc.n_images}")
+        feats = vis_feats.reshape(b * m, v, f)
+        if vc.pool_side and math.isqrt(v) ** 2 == v and math.isqrt(v) > vc.pool_side:
+            feats = pool_grid(feats, vc.pool_side)
+            vis_attention_mask = None  # grid tokens are never padding
+        v2 = feats.shape[1]
+        feats = feats.reshape(b, m * v2, f)
+        img_ids = torch.arange(m, device=feats.device).repeat_interleave(v2)
+        obj_ids = torch.arange(v2, device=feats.device).repeat(m)
+        emb = self.visual_embedding(feats.to(self.visual_embedding.feat_embedding[0].weight.dtype), boxes,
+                                    img_ids, obj_ids, self.backbone.get_input_embeddings().weight)
+        if vis_attention_mask is None:
+            mask = torch.ones(b, m * v2, dtype=torch.long, device=feats.device)
+        else:
+            mask = vis_attention_mask.reshape(b, m * v2).long()
+        return emb, mask
+
+    def encode(self, input_ids, attention_mask=None, vis_feats=None, vis_attention_mask=None, boxes=None):
+        """Run the encoder on [prompt ; text ; visual]; returns (BaseModelOutput, joint attention mask).
+        Call inside `self.task_context(...)` (forward and generate do)."""
+        if input_ids.dim() != 2:
+            raise ShapeError(f"input_ids has shape {tuple(input_ids.shape)}; expected [B, L]")
+        b, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        parts = [self.backbone.get_input_embeddings()(input_ids)]
+        masks = [attention_mask.long()]
+        prompt_len = 0
+        if self.prompt is not None:
+            parts.insert(0, self.prompt(b).to(parts[0].dtype))
+            masks.insert(0, torch.ones(b, self.prompt.length, dtype=torch.long, device=input_ids.device))
+            prompt_len = self.prompt.length
+        if vis_feats is not None:
+            emb, vmask = self.visual_tokens(vis_feats, vis_attention_mask, boxes)
+            parts.append(emb.to(parts[0].dtype))
+            masks.append(vmask)
+        embeds = torch.cat(parts, dim=1)
+        mask = torch.cat(masks, dim=1)
+        self.ctx.prompt_len, self.ctx.text_len, self.ctx.mask = prompt_len, length, mask
+        try:
+            enc = self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+        finally:
+            self.ctx.text_len, self.ctx.mask = None, None
+        return BaseModelOutput(last_hidden_state=enc.last_hidden_state), mask
+
+    @contextlib.contextmanager
+    def task_context(self, task: str | None):
+        old = getattr(self.ctx, "task", None)
+        self.ctx.task = task
+        try:
+            yield
+        finally:
+            self.ctx.task = old
+
+    def forward(self, input_ids, attention_mask=None, vis_feats=None, vis_attention_mask=None, boxes=None,
+                labels=None, decoder_input_ids=None, decoder_attention_mask=None, task: str | None = None,
+                **kwargs):
+        with self.task_context(task):
+            enc, mask = self.encode(input_ids, attention_mask, vis_feats, vis_attention_mask, boxes)
+            return self.backbone(encoder_outputs=enc, attention_mask=mask, labels=labels,
+                                 decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                                 return_dict=True, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, vis_feats=None, vis_attention_mask=None, boxes=None,
+                 task: str | None = None, **generation_settings):
+        """transformers' generation from the VL encoder output. Pass every setting explicitly
+        (num_beams, max_length / max_new_tokens, no_repeat_ngram_size, ...); none is inherited."""
+        with self.task_context(task):
+            enc, mask = self.encode(input_ids, attention_mask, vis_feats, vis_attention_mask, boxes)
+            generation_settings.setdefault("num_beams", 1)
+            generation_settings.setdefault("do_sample", False)
+            return self.backbone.generate(encoder_outputs=enc, attention_mask=mask, **generation_settings)
+
+    # -- gates -------------------------------------------------------------------------------------
+    def gated_modules(self) -> dict[str, GatedModification]:
+        """{'encoder.<layer>.<self_attn|ffn>': module} for every module with a gate."""
+        out = {}
+        for stack in ("encoder", "decoder"):
+            path = self.arch.encoder_layers if stack == "encoder" else self.arch.decoder_layers
+            for i, layer in enumerate(get_module(self.backbone, path)):
+                for placement, sub in self.arch.sublayers.items():
+                    if not placement.startswith(stack):
+                        continue
+                    mod = get_module(layer, sub.wrap)
+                    if isinstance(mod, GatedSublayer) and mod.pet.gate is not None:
+                        out[f"{stack}.{i}.{placement.split('.')[1]}"] = mod.pet
+        return out
+
+    def record_gates(self, enabled: bool = True) -> None:
+        for m in self.gated_modules().values():
+            m.record = enabled
+            m.last_gate = None
+
+    def gate_values(self) -> dict[str, torch.Tensor]:
+        """G of every gated sub-layer from the last forward (after `record_gates(True)`)."""
+        return {k: m.last_gate for k, m in self.gated_modules().items() if m.last_gate is not None}
+
+    # -- adapter-only checkpoints -------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def config_dict(self) -> dict:
+        c = self.backbone.config
+        enc_layers = len(get_module(self.backbone, self.arch.encoder_layers))
+        dec_layers = len(get_module(self.backbone, self.arch.decoder_layers))
+        return {
+            "format_version": FORMAT_VERSION,
+            "backbone": self.backbone_name,
+            "backbone_seed": self.seed,
+            "architecture": {"model_type": c.model_type, "arch": self.arch.name, "d_model": c.d_model,
+                             "encoder_layers": enc_layers, "decoder_layers": dec_layers},
+            "vocab": {"original_rows": self.original_vocab_rows,
+                      "rows": self.backbone.get_input_embeddings().num_embeddings},
+            "visual": dataclasses.asdict(self.visual_config),
+            "method": self.method.to_dict(),
+        }
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        from .checkpoint import save_adapter
+
+        return save_adapter(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, backbone: str | None = None, **kwargs) -> "VLModel":
+        from .checkpoint import load_adapter
+
+        return load_adapter(folder, backbone=backbone, **kwargs)
+
+
+def _is_norm(m: nn.Module) -> bool:
+    name = type(m).__name__
+    return isinstance(m, (nn.LayerNorm, RMSNorm)) or name.endswith(("LayerNorm", "RMSNorm"))
+
+
+class _BiasedNorm(nn.Module):
+    """A bias added after a bias-free norm (T5LayerNorm), for BitFit on T5 as the LST paper ran it."""
+
+    def __init__(self, base_layer: nn.Module, d: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.bias = nn.Parameter(torch.zeros(d, device=base_layer.weight.device, dtype=base_layer.weight.dtype))
+
+    def forward(self, x):
+        return self.base_layer(x) + self.bias
+
+
+def _add_zero_biases(model: VLModel) -> None:
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and m.bias is None:
+            m.bias = nn.Parameter(torch.zeros(m.out_features, device=m.weight.device, dtype=m.weight.dtype))
+        elif _is_norm(m) and getattr(m, "bias", None) is None and not isinstance(m, _BiasedNorm) \
+                and not name.endswith("base_layer"):
+            set_module(model, name, _BiasedNorm(m, m.weight.shape[0]))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, enabled: bool = True):
+    if not enabled:
+        yield
+        return
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def describe(model: VLModel) -> str:
+    t, n = model.parameter_counts()
+    return json.dumps({"backbone": model.backbone_name, "method": model.method.name, "trainable": t, "total": n,
+                       "percent": round(100 * t / n, 3)})

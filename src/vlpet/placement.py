@@ -1,0 +1,188 @@
+"""Placing PET modules into an unmodified HF model by wrapping its sub-modules (never forking its code).
+
+A sequential module on a sub-layer wraps the module whose output is H (`Sublayer.wrap`); when the
+gate's X is not that module's own input, a `CaptureInput` wrapper on `Sublayer.capture` hands the
+input over through a per-sub-layer slot. Wrapped originals live under `base_layer`, as in PEFT.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbones.arch import ArchSpec
+from .backbones.joint import JointContext
+from .errors import ConfigError
+from .granularity import Gate, GatedModification
+from .method import PROJECTION_PLACEMENTS, MethodConfig, ModuleSpec
+from .methods.adapter import Bottleneck, ParallelLinear, PHMBottleneck
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError as exc:
+        raise ConfigError(f"module path {path!r} not found in {type(root).__name__}: {exc}") from exc
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+class _Slot:
+    __slots__ = ("x",)
+
+    def __init__(self):
+        self.x = None
+
+
+class CaptureInput(nn.Module):
+    """Passes its first input to a slot (the gate's X), then runs the wrapped module unchanged."""
+
+    def __init__(self, base_layer: nn.Module, slot: _Slot):
+        super().__init__()
+        self.base_layer = base_layer
+        self._slot = slot
+
+    def forward(self, x, *args, **kwargs):
+        self._slot.x = x
+        return self.base_layer(x, *args, **kwargs)
+
+
+class GatedSublayer(nn.Module):
+    """Replaces a sub-layer's output H by the PET module's H_new (before dropout and residual)."""
+
+    def __init__(self, base_layer: nn.Module, pet: GatedModification, output_index: int | None,
+                 slot: _Slot | None, ctx: JointContext, parallel: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.pet = pet
+        self.output_index = output_index
+        self._slot = slot
+        self._ctx = [ctx]
+        self.parallel = parallel
+
+    def forward(self, *args, **kwargs):
+        out = self.base_layer(*args, **kwargs)
+        h = out if self.output_index is None else out[self.output_index]
+        if self._slot is not None:
+            x, self._slot.x = self._slot.x, None
+        else:
+            x = args[0] if args else kwargs["hidden_states"]
+        ctx = self._ctx[0]
+        mask = ctx.mask if ctx.active else None
+        if self.parallel:
+            new = self.pet.forward_parallel(h, x, mask)
+        else:
+            new = self.pet(h, x, mask)
+        if self.output_index is None:
+            return new
+        out = list(out)
+        out[self.output_index] = new
+        return tuple(out)
+
+
+def _forward_parallel(self: GatedModification, h, x, mask):
+    """Parallel form: ΔH reads the sub-layer input X instead of H."""
+    d = self.delta(x)
+    s = self.scale
+    y = h + (s * d if self.scale_delta_only else d)
+    if self.gate is not None:
+        g = self.gate(x, y, mask)
+        if self.record:
+            self.last_gate = g.detach()
+        y = g * y
+    return s * y if (s != 1.0 and not self.scale_delta_only) else y
+
+
+GatedModification.forward_parallel = _forward_parallel
+
+
+def make_delta(spec: ModuleSpec, d_model: int) -> nn.Module | None:
+    if spec.modification == "adapter":
+        return Bottleneck(d_model, spec.r, spec.n_heads)
+    if spec.modification == "phm_adapter":
+        return PHMBottleneck(d_model, spec.r, spec.phm_n)
+    return None
+
+
+def _layers(backbone: nn.Module, arch: ArchSpec, stack: str) -> list[nn.Module]:
+    return list(get_module(backbone, arch.encoder_layers if stack == "encoder" else arch.decoder_layers))
+
+
+def place_modules(backbone: nn.Module, arch: ArchSpec, method: MethodConfig, ctx: JointContext,
+                  d_model: int) -> list[tuple[nn.Module, ModuleSpec]]:
+    """Wrap the backbone in place; returns every new PET module with its spec (for init and zero-init)."""
+    created: list[tuple[nn.Module, ModuleSpec]] = []
+    for spec in method.modules:
+        for placement in spec.placements:
+            stack = placement.split(".")[0]
+            for layer in _layers(backbone, arch, stack):
+                if placement in PROJECTION_PLACEMENTS:
+                    created.append((_place_projection(layer, arch, placement, spec, d_model), spec))
+                else:
+                    created.append((_place_sublayer(layer, arch, placement, spec, d_model, ctx), spec))
+    return created
+
+
+def _place_projection(layer, arch, placement, spec, d_model):
+    path = arch.projections[placement]
+    base = get_module(layer, path)
+    delta = make_delta(spec, d_model)
+    wrapper = ParallelLinear(base, delta)
+    set_module(layer, path, wrapper)
+    return delta
+
+
+def _place_sublayer(layer, arch, placement, spec, d_model, ctx):
+    sub = arch.sublayers[placement]
+    base = get_module(layer, sub.wrap)
+    if isinstance(base, GatedSublayer):
+        raise ConfigError(f"placement {placement!r} given twice in one method")
+    gate = Gate(d_model, spec.gate) if spec.gate.kind != "none" else None
+    pet = GatedModification(make_delta(spec, d_model), gate, spec.scale, spec.scale_delta_only)
+    needs_x = gate is not None or spec.mode == "parallel"
+    slot = None
+    if needs_x and sub.capture is not None:
+        slot = _Slot()
+        set_module(layer, sub.capture, CaptureInput(get_module(layer, sub.capture), slot))
+    set_module(layer, sub.wrap, GatedSublayer(base, pet, sub.output_index, slot, ctx, spec.mode == "parallel"))
+    return pet
+
+
+# -- initialisation (spec §1.4) ----------------------------------------------------------------
+
+def init_new_modules(modules: list[nn.Module], arch: ArchSpec) -> None:
+    """BART's hook gives every new nn.Linear N(0, 0.02) and zero bias (and Embeddings N(0, 0.02));
+    T5 leaves PyTorch's defaults. PHM layers and the middleY vector keep their own init."""
+    if arch.init != "normal":
+        return
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=arch.init_std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=arch.init_std)
+
+
+@torch.no_grad()
+def apply_zero_init(created: list[tuple[nn.Module, ModuleSpec]]) -> None:
+    """The official zero-init flags (spec §1.4): 'up' zeroes W_up and b_up of the adapter (ΔH = 0);
+    'gate' zeroes the gate's last projection (G = σ(0) = 0.5) or middleY's z (G = 1)."""
+    for module, spec in created:
+        delta, gate = (module.delta, module.gate) if isinstance(module, GatedModification) else (module, None)
+        if "up" in spec.zero_init and delta is not None:
+            for p in delta.up.parameters():
+                p.zero_()
+        if "gate" in spec.zero_init and gate is not None:
+            if gate.kind == "large":
+                gate.up.weight.zero_()
+                gate.up.bias.zero_()
+            elif gate.kind in ("middlex", "small"):
+                gate.proj.weight.zero_()
+                gate.proj.bias.zero_()
+            elif gate.kind == "middley":
+                gate.z.zero_()
