@@ -24,7 +24,7 @@ from .backbones.arch import ArchSpec, arch_for
 from .backbones.joint import JointContext, TextOnlyNorm, TextOnlyPositions, TextOnlyRelativeBias
 from .backbones.loading import load_backbone, load_tokenizer, vocab_size_after_extension
 from .backbones.visual import RMSNorm, VisualEmbedding, pool_grid
-from .errors import CheckpointError, ConfigError, ShapeError
+from .errors import ShapeError
 from .granularity import GatedModification
 from .method import MethodConfig
 from .methods.hyperformer import HyperAdapter, HyperNetController, TaskEmbeddings
@@ -32,9 +32,6 @@ from .methods.prompt import EncoderPrompt
 from .placement import GatedSublayer, apply_zero_init, get_module, init_new_modules, place_modules, set_module
 from .presets import ALL_SUBLAYERS, get_preset
 
-CONFIG_NAME = "vlpet_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-ADDED_ROWS_KEY = "__vlpet__.added_vocab_rows"
 FORMAT_VERSION = 1
 
 
@@ -66,6 +63,8 @@ class VLModel(nn.Module):
         self.d_model = cfg.d_model
         self.ctx = JointContext()
         meta = next(backbone.parameters()).device.type == "meta"
+        if getattr(cfg, "decoder_start_token_id", None) is None:  # T5 convention: start with pad
+            cfg.decoder_start_token_id = cfg.pad_token_id
 
         with _seeded(seed, enabled=not meta):
             self.original_vocab_rows = backbone.get_input_embeddings().num_embeddings
@@ -164,10 +163,17 @@ class VLModel(nn.Module):
         pins its own settings through `generate(...)`."""
         from transformers import GenerationConfig
 
+        old = self.backbone.generation_config
         c = self.backbone.config
+
+        def token(name):
+            value = getattr(old, name, None)
+            return value if value is not None else getattr(c, name, None)
+
+        start = token("decoder_start_token_id")
         self.backbone.generation_config = GenerationConfig(
-            decoder_start_token_id=c.decoder_start_token_id, bos_token_id=getattr(c, "bos_token_id", None),
-            eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+            decoder_start_token_id=start if start is not None else token("pad_token_id"),
+            bos_token_id=token("bos_token_id"), eos_token_id=token("eos_token_id"), pad_token_id=token("pad_token_id"))
 
     # -- trainable set (spec §2.3) -------------------------------------------------------------
     def configure_trainable(self) -> None:

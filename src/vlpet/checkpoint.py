@@ -1,0 +1,181 @@
+"""Adapter-only checkpoints (like PEFT's save_pretrained / from_pretrained) and official-checkpoint import.
+
+An adapter folder holds:
+    vlpet_config.json          backbone name/id/folder, architecture facts, visual config, method config
+    adapter_model.safetensors  every trainable tensor + the added vocabulary rows (which no base
+                               checkpoint has, yet the visual embedding reads them; design note)
+    tokenizer files            when the model has a tokenizer
+Base model + adapter folder rebuild the tuned model exactly. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+CONFIG_NAME = "vlpet_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+ADDED_ROWS_KEY = "__vlpet__.added_vocab_rows"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(Path(path), save(clean, metadata=metadata))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def save_adapter(model, folder) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = dict(model.trainable_state_dict())
+    emb = model.backbone.get_input_embeddings().weight
+    if emb.shape[0] > model.original_vocab_rows and not emb.requires_grad:
+        tensors[ADDED_ROWS_KEY] = emb[model.original_vocab_rows:].detach()
+    save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt", "producer": "vlpet"})
+    if model.tokenizer is not None:
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            files = model.tokenizer.save_pretrained(tmp)
+            for f in files:
+                if Path(f).exists():
+                    os.replace(f, folder / Path(f).name)
+    atomic_write_json(folder / CONFIG_NAME, model.config_dict())  # last: a folder with a config is complete
+    return folder
+
+
+def read_adapter_config(folder) -> dict:
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not an adapter folder (no {CONFIG_NAME})")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from exc
+    for key in ("backbone", "architecture", "vocab", "visual", "method"):
+        if key not in cfg:
+            raise CheckpointError(f"{path}: missing field {key!r}")
+    return cfg
+
+
+def check_compatible(cfg: dict, model, source: str) -> None:
+    """Refuse an adapter built for another architecture (type, hidden size, layer counts)."""
+    want = cfg["architecture"]
+    have = model.config_dict()["architecture"]
+    for key in ("model_type", "d_model", "encoder_layers", "decoder_layers"):
+        if want.get(key) != have.get(key):
+            raise CheckpointError(f"{source}: adapter was made for {key}={want.get(key)!r} but the backbone "
+                                  f"{model.backbone_name!r} has {key}={have.get(key)!r}")
+
+
+def load_adapter(folder, backbone: str | None = None, device=None, strict: bool = True):
+    from .backbones.loading import load_backbone
+    from .method import MethodConfig
+    from .model import VisualConfig, VLModel
+
+    folder = Path(folder)
+    cfg = read_adapter_config(folder)
+    method = MethodConfig.from_dict(cfg["method"], source=f"{folder / CONFIG_NAME}: method")
+    try:
+        visual = VisualConfig(**cfg["visual"])
+    except TypeError as exc:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: bad 'visual' field ({exc})") from exc
+    name = backbone or cfg["backbone"]
+    base = load_backbone(name, seed=cfg.get("backbone_seed", 0))
+    tokenizer = None
+    if (folder / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    if base.config.model_type != cfg["architecture"]["model_type"]:
+        raise CheckpointError(f"{folder}: adapter was made for model_type={cfg['architecture']['model_type']!r} "
+                              f"but backbone {name!r} is {base.config.model_type!r}")
+    model = VLModel(base, method, visual, backbone_name=name, tokenizer=tokenizer,
+                    vocab_rows=cfg["vocab"]["rows"], seed=cfg.get("backbone_seed", 0))
+    check_compatible(cfg, model, str(folder))
+    tensors = load_tensors(folder / WEIGHTS_NAME)
+    load_trainable(model, tensors, source=str(folder / WEIGHTS_NAME), strict=strict)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+@torch.no_grad()
+def load_trainable(model, tensors: dict[str, torch.Tensor], source: str, strict: bool = True) -> dict:
+    """Copy adapter tensors into the model; report missing/unexpected keys (an error when strict)."""
+    tensors = dict(tensors)
+    rows = tensors.pop(ADDED_ROWS_KEY, None)
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    missing = sorted(expected - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{source}: does not fit method {model.method.name!r}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    for n, t in tensors.items():
+        if n not in params:
+            continue
+        if params[n].shape != t.shape:
+            raise CheckpointError(f"{source}: tensor {n!r} has shape {tuple(t.shape)}, the model expects "
+                                  f"{tuple(params[n].shape)}")
+        params[n].copy_(t.to(params[n].dtype))
+    if rows is not None:
+        emb = model.backbone.get_input_embeddings().weight
+        start = model.original_vocab_rows
+        if emb.shape[0] - start != rows.shape[0]:
+            raise CheckpointError(f"{source}: {rows.shape[0]} added vocabulary rows, the model has "
+                                  f"{emb.shape[0] - start}")
+        emb[start:].copy_(rows.to(emb.dtype))
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def copy_folder_atomic(src: Path, dst: Path) -> None:
+    """Replace `dst` by a copy of `src` so that `dst` is never half-written."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    old = dst.with_name(f".{dst.name}.old")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old.exists():
+        shutil.rmtree(old)
