@@ -1,0 +1,274 @@
+"""`vlpet`: one command for the main jobs. Each sub-command is a thin shell over the library.
+
+    vlpet demo                      the paper's experiment in miniature, offline (README's first command)
+    vlpet train ...                 the multitask recipe on VL-Adapter-layout data
+    vlpet evaluate / predict ...    scores (Table-2 row) / submission files from a run or adapter folder
+    vlpet params ...                trainable / total / Params % of a preset on a backbone
+    vlpet presets                   every named recipe
+    vlpet features ...              grid features of a folder of images (HDF5, VL-Adapter layout)
+    vlpet import-official ...       an official VL-PET checkpoint -> a vlpet adapter folder
+
+Errors in the user's input print one line naming the file/option at fault (a traceback with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _add_common_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="bart-base",
+                   help="built-in offline architecture (bart-base, t5-base: random weights), a Hugging Face id "
+                        "(facebook/bart-base, t5-base) or a local folder")
+    p.add_argument("--method", "--recipe", dest="method", default="vl-pet-large",
+                   help="preset name (see `vlpet presets`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vlpet", description="VL-PET: vision-and-language parameter-efficient tuning "
+                                 "via granularity control (ICCV 2023), on unmodified Hugging Face encoder-decoders.")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # params
+    p = sub.add_parser("params", help="trainable / total parameters and Params % of a preset")
+    _add_common_model(p)
+    p.add_argument("--video", action="store_true", help="the video-text setting (512-d frame features, spec §3.9)")
+    p.add_argument("--feat-dim", type=int, default=None, help="visual feature size (default 2048; video 512)")
+    p.add_argument("--json", action="store_true", help="print one JSON object {trainable, total, percent}")
+
+    p = sub.add_parser("presets", help="list the named recipes with their Params % (paper vs vlpet)")
+    p.add_argument("--json", action="store_true")
+
+    # train
+    p = sub.add_parser("train", help="train a preset with the paper's multitask recipe")
+    _add_common_model(p)
+    p.add_argument("--data-root", required=True, help="folder in the VL-Adapter layout (vqa/, GQA/, nlvr/, COCO/ ...)")
+    p.add_argument("--tasks", type=_tasks, default=("vqa", "gqa", "nlvr", "caption"),
+                   help="comma-separated: vqa,gqa,nlvr,caption")
+    p.add_argument("--output", required=True, help="run folder (checkpoints, logs, results, plots)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's (20)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="VQA batch per process; other tasks scale as in the paper (default: 500 BART, 300 T5)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    p.add_argument("--seed", type=int, default=42, help="fixes init, dropout, answer sampling, task and data order")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--feat-dim", type=int, default=None, help="visual feature size (default: read from the data)")
+    p.add_argument("--feature-dirname", default="data_clip_RN101_att",
+                   help="feature sub-folder name under */clip_features/ (e.g. data_efficientnet-lite0_att)")
+    p.add_argument("--official-gqa-typo", action="store_true", help='use the official GQA prompt "gpa: "')
+    p.add_argument("--official-ln-decay", action="store_true",
+                   help="decay LayerNorm weights as the official optimizer does (spec §8.1.10)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="caption decoding; the official BART path inherits 3 from facebook/bart-base")
+    p.add_argument("--caption-metrics", type=_tasks, default=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"),
+                   help="comma-separated caption metrics (BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE); METEOR needs Java")
+    p.add_argument("--limit-train", type=int, default=None, help="first N examples per task (smoke runs)")
+    p.add_argument("--limit-eval", type=int, default=None)
+    p.add_argument("--save-every-steps", type=int, default=None, help="also checkpoint every N steps")
+    p.add_argument("--no-eval", action="store_true", help="skip per-epoch validation")
+    p.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output")
+    p.add_argument("--no-progress", action="store_true")
+
+    # evaluate / predict
+    p = sub.add_parser("evaluate", help="score a run or adapter folder; prints a Table-2 row")
+    p.add_argument("--checkpoint", required=True, help="a run folder (its adapter-last and adapter-best) or an adapter folder")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", default="test", help="test (default), val, or a file split such as karpathy_test")
+    p.add_argument("--tasks", type=_tasks, default=None, help="default: the run's tasks")
+    p.add_argument("--backbone", default=None, help="override the backbone stored in the adapter folder")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--feature-dirname", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--output", default=None, help="results JSON (default: <checkpoint>/eval-<split>.json)")
+
+    p = sub.add_parser("predict", help="write predictions in the official submission format")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--task", required=True, choices=("vqa", "gqa", "nlvr", "caption"))
+    p.add_argument("--split", default="test")
+    p.add_argument("--output", required=True, help="FILE.json (NLVR2: FILE.csv also accepted)")
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--feature-dirname", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", default=None)
+
+    # features
+    p = sub.add_parser("features", help="grid features of images -> one HDF5 file per image")
+    p.add_argument("--images", required=True, help="folder of images (img_id = file name without extension)")
+    p.add_argument("--output", required=True, help="output folder, e.g. DATA/COCO/clip_features/data_clip_RN101_att")
+    p.add_argument("--encoder", default="clip-rn101", help="clip-rn101 (needs vlpet[clip]) or efficientnet-lite0 (offline)")
+    p.add_argument("--batch-size", type=int, default=32)
+
+    # import-official
+    p = sub.add_parser("import-official", help="official VL-PET checkpoint (LAST.pth) -> vlpet adapter folder")
+    p.add_argument("checkpoint")
+    _add_common_model(p)
+    p.add_argument("--output", required=True)
+    p.add_argument("--strict", action="store_true", help="fail on any missing or unexpected key")
+
+    # demo
+    p = sub.add_parser("demo", help="the paper's experiment in miniature: offline, real images, real image encoder")
+    p.add_argument("--output", default="vlpet-demo", help="output folder (default: ./vlpet-demo)")
+    p.add_argument("--method", default="vl-pet-large", help="preset to train (default vl-pet-large)")
+    p.add_argument("--compare", action="store_true",
+                   help="also run full, lora, vl-adapter and vl-pet small/middleX/middleY/large on the same budget")
+    p.add_argument("--methods", type=_tasks, default=None, help="comma-separated list instead of --compare's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="a tiny version (a few dozen images, tiny model): seconds")
+    p.add_argument("--cache", default=None, help="cache folder for data, features and the pretrained PLM "
+                                                 "(default $VLPET_CACHE or ~/.cache/vlpet)")
+    p.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+def cmd_params(a) -> int:
+    from .model import VLModel
+
+    model = VLModel.build(a.backbone, a.method, video=a.video, feat_dim=a.feat_dim, meta=True, load_tok=False)
+    t, n = model.parameter_counts()
+    pct = 100 * t / n
+    if a.json:
+        print(json.dumps({"backbone": a.backbone, "method": a.method, "video": a.video, "trainable": t, "total": n,
+                          "percent": round(pct, 3)}))
+    else:
+        print(f"{a.method} on {a.backbone}{' (video)' if a.video else ''}: trainable {t:,} / total {n:,} "
+              f"= {pct:.3f}%")
+    return 0
+
+
+def cmd_presets(a) -> int:
+    from .model import VLModel
+    from .presets import PAPER_PARAMS_PERCENT, PRESETS, get_preset
+
+    rows = []
+    for name in PRESETS:
+        row = {"preset": name, "description": get_preset(name).description}
+        for bb, fam in (("bart-base", "bart"), ("t5-base", "t5")):
+            t, n = VLModel.build(bb, name, meta=True, load_tok=False).parameter_counts()
+            row[f"{fam}_percent"] = round(100 * t / n, 3)
+            row[f"{fam}_paper"] = PAPER_PARAMS_PERCENT[fam].get(name)
+        rows.append(row)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print("| preset | BART-base % (paper) | T5-base % (paper) | what it trains |")
+    print("|---|---|---|---|")
+    for r in rows:
+        fmt = lambda v, p: f"{v:.2f} ({p:.2f})" if p is not None else f"{v:.2f} (-)"  # noqa: E731
+        print(f"| {r['preset']} | {fmt(r['bart_percent'], r['bart_paper'])} | {fmt(r['t5_percent'], r['t5_paper'])} "
+              f"| {r['description']} |")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .train.loop import TrainConfig, train
+
+    cfg = TrainConfig(
+        backbone=a.backbone, method=a.method, data_root=a.data_root, output=a.output, tasks=a.tasks,
+        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, precision=a.precision,
+        grad_accum=a.grad_accum, max_steps=a.max_steps, feat_dim=a.feat_dim, feature_dirname=a.feature_dirname,
+        official_gqa_typo=a.official_gqa_typo, official_ln_decay=a.official_ln_decay,
+        caption_no_repeat_ngram_size=a.no_repeat_ngram_size, caption_metrics=a.caption_metrics, limit_train=a.limit_train, limit_eval=a.limit_eval,
+        save_every_steps=a.save_every_steps, eval_every_epoch=not a.no_eval, eval_test=not a.no_test,
+        num_workers=a.num_workers, device=a.device, compile=a.compile, resume=a.resume, overwrite=a.overwrite,
+        progress=not a.no_progress, debug=a.debug,
+    )
+    train(cfg)
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .train.runs import evaluate_checkpoint
+
+    evaluate_checkpoint(a.checkpoint, a.data_root, split=a.split, tasks=a.tasks, backbone=a.backbone,
+                        batch_size=a.batch_size, precision=a.precision, feature_dirname=a.feature_dirname,
+                        limit=a.limit, device=a.device, output=a.output)
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .train.runs import predict_checkpoint
+
+    predict_checkpoint(a.checkpoint, a.data_root, a.task, a.output, split=a.split, backbone=a.backbone,
+                       batch_size=a.batch_size, precision=a.precision, feature_dirname=a.feature_dirname,
+                       limit=a.limit, device=a.device)
+    return 0
+
+
+def cmd_features(a) -> int:
+    from .features.extract import extract_features
+
+    summary = extract_features(a.images, a.output, encoder=a.encoder, batch_size=a.batch_size)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def cmd_import_official(a) -> int:
+    from .official import import_official
+
+    _, report = import_official(a.checkpoint, a.backbone, a.method, output_dir=a.output, strict=a.strict)
+    print(f"imported {len(report['mapped'])} tensors into {a.output}; missing {len(report['missing'])}, "
+          f"unexpected {len(report['unexpected'])}")
+    for key in ("missing", "unexpected"):
+        for name in report[key][:20]:
+            print(f"  {key}: {name}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo.run import run_demo
+
+    run_demo(output=a.output, method=a.method, compare=a.compare, methods=a.methods, seed=a.seed, epochs=a.epochs,
+             quick=a.quick, cache=a.cache, progress=not a.no_progress)
+    return 0
+
+
+COMMANDS = {"params": cmd_params, "presets": cmd_presets, "train": cmd_train, "evaluate": cmd_evaluate,
+            "predict": cmd_predict, "features": cmd_features, "import-official": cmd_import_official,
+            "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .errors import VLPetError
+
+    try:
+        return COMMANDS[a.command](a)
+    except VLPetError as exc:
+        if a.debug:
+            raise
+        print(f"vlpet {a.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vlpet {a.command}: interrupted; `vlpet train --resume` continues from the newest checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,483 @@
+"""`vlpet train`: the paper's multitask recipe (spec §4) in one readable loop.
+
+One step = one batch of one task (size-proportional task sampling); AdamW with linear warm-up over
+10% of the steps then linear decay; global-norm clipping at 5; validation every epoch; the model
+after the last epoch is what the paper reports, and the best-validation one is kept too.
+
+Run folder (`--output O`):
+    run_config.json         every setting of the run (a different run is refused in the same folder)
+    checkpoint/             newest complete training checkpoint: adapter + trainer_state.pt
+    adapter-last/           adapter after the last epoch (the paper's choice, spec §4.7)
+    adapter-best/           adapter with the best validation Avg
+    log.jsonl               one line per logged step / evaluation
+    tb/                     TensorBoard scalars
+    results.json, results.md, plots/*.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import atomic_write_json, load_tensors, load_trainable, save_adapter
+from ..errors import ConfigError, TrainingError
+from .distributed import DistInfo, barrier, broadcast_flag, init_distributed
+from .evaluate import autocast, collect_gates, evaluate_model, table_row, to_device
+from .losses import task_loss
+from .optim import build_optimizer, build_scheduler
+
+STATE_NAME = "trainer_state.pt"
+IMAGE_TASKS = ("vqa", "gqa", "nlvr", "caption")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Settings that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "num_workers", "eval_test", "debug"}
+
+
+@dataclass
+class TrainConfig:
+    backbone: str
+    method: str
+    data_root: str
+    output: str
+    tasks: tuple[str, ...] = IMAGE_TASKS
+    epochs: int | None = None  # None: the preset's (20)
+    batch_size: int | None = None  # VQA batch; None: the preset's (500 BART, 300 T5)
+    lr: float | None = None
+    seed: int = 42
+    precision: str = "fp32"
+    grad_accum: int = 1
+    max_steps: int | None = None
+    warmup_ratio: float = 0.1
+    clip_norm: float = 5.0
+    weight_decay: float = 0.01
+    official_ln_decay: bool = False
+    feat_dim: int | None = None  # None: read from the data (2048 for CLIP RN101)
+    feature_dirname: str = "data_clip_RN101_att"
+    official_gqa_typo: bool = False
+    caption_no_repeat_ngram_size: int = 0
+    caption_metrics: tuple[str, ...] = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+    limit_train: int | None = None  # keep the first N examples per task (smoke runs)
+    limit_eval: int | None = None
+    eval_every_epoch: bool = True
+    eval_test: bool = True  # evaluate adapter-last and adapter-best on the test split at the end
+    save_every_steps: int | None = None
+    log_every: int = 10
+    num_workers: int = 0
+    device: str | None = None
+    compile: bool = False
+    method_overrides: dict = field(default_factory=dict)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    debug: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite conflict: resume continues the run in --output, "
+                              "overwrite deletes it")
+        if self.grad_accum < 1:
+            raise ConfigError(f"--grad-accum must be >= 1, got {self.grad_accum}")
+        self.tasks = tuple(self.tasks)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.random.get_rng_state(), "python": random.getstate(),
+             "numpy": _numpy_state_to_lists(np.random.get_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state_to_lists(st):
+    return [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])]
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.random.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist: DistInfo = init_distributed(torch.device(dev).type)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if dev == "cuda" and self.dist.enabled else dev)
+        self.history: list[dict] = []
+        self.global_step = 0  # optimizer steps
+        self.micro_step = 0
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _prepare_output(self) -> None:
+        cfg_path = self.out / "run_config.json"
+        mine = self._config_record()
+        if cfg_path.exists():
+            if self.cfg.overwrite:
+                if self.dist.is_main:
+                    shutil.rmtree(self.out)
+            elif self.cfg.resume:
+                theirs = json.loads(cfg_path.read_text())
+                diff = sorted(k for k in set(mine) | set(theirs)
+                              if k not in RESUMABLE_CHANGES and mine.get(k) != theirs.get(k))
+                if diff:
+                    raise ConfigError(f"{cfg_path}: --resume with different settings: " + ", ".join(
+                        f"{k} was {theirs.get(k)!r}, now {mine.get(k)!r}" for k in diff[:5]))
+            else:
+                raise ConfigError(f"{self.out} already holds a run ({cfg_path.name}); pass --resume to continue it "
+                                  f"or --overwrite to replace it")
+        elif self.cfg.resume:
+            raise ConfigError(f"--resume: {self.out} holds no run to resume (no {cfg_path.name})")
+        elif self.out.exists() and any(self.out.iterdir()) and not self.cfg.overwrite:
+            raise ConfigError(f"{self.out} is not empty and holds no vlpet run; choose another --output "
+                              f"or pass --overwrite")
+        barrier(self.dist)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cfg_path, mine)
+
+    def _config_record(self) -> dict:
+        rec = dataclasses.asdict(self.cfg)
+        rec["tasks"] = list(rec["tasks"])
+        rec["caption_metrics"] = list(rec["caption_metrics"])
+        return rec
+
+    def _build(self) -> None:
+        from ..backbones.loading import load_tokenizer
+        from ..data import TaskBatchLoader, build_dataset, task_batch_sizes
+        from ..data.sampler import MultitaskLoader
+        from ..data.tasks import canonical_task, get_task_spec
+        from ..model import VisualConfig, VLModel
+        from ..presets import get_preset, train_defaults
+
+        cfg = self.cfg
+        self.tasks = tuple(canonical_task(t) for t in cfg.tasks)
+        self.tokenizer = load_tokenizer(cfg.backbone, required=True)
+        seed_everything(cfg.seed)
+        from ..backbones.arch import arch_for
+        from ..backbones.loading import load_backbone
+
+        base = load_backbone(cfg.backbone, seed=cfg.seed)
+        arch = arch_for(base.config.model_type)
+        method = get_preset(cfg.method, arch.name)
+        if cfg.method_overrides:
+            from ..method import MethodConfig
+
+            method = MethodConfig.from_dict({**method.to_dict(), **cfg.method_overrides}, "--method-overrides")
+        defaults = train_defaults(cfg.method, arch.name)
+        self.epochs = cfg.epochs or defaults.epochs
+        self.lr = cfg.lr or defaults.lr
+        vqa_bs = cfg.batch_size or defaults.batch_size
+        self.specs = {t: get_task_spec(t, use_prompts=method.task_prompts, official_gqa_typo=cfg.official_gqa_typo,
+                                       caption_no_repeat_ngram_size=cfg.caption_no_repeat_ngram_size)
+                      for t in self.tasks}
+        sizes = task_batch_sizes(vqa_bs)
+        train_sets = {t: build_dataset(t, "train", cfg.data_root, self.tokenizer, spec=self.specs[t], seed=cfg.seed,
+                                       feat_dim=cfg.feat_dim, feature_dirname=cfg.feature_dirname,
+                                       limit=cfg.limit_train) for t in self.tasks}
+        feat_dim = cfg.feat_dim or self._probe_feat_dim(train_sets)
+        self.model = VLModel(base, method, VisualConfig(feat_dim=feat_dim), backbone_name=cfg.backbone,
+                             tokenizer=self.tokenizer, seed=cfg.seed).to(self.device)
+        self.feat_dim = feat_dim
+        pad = self.tokenizer.pad_token_id
+        self.loaders = {t: TaskBatchLoader(ds, sizes[t], seed=cfg.seed, pad_id=pad, task=t)
+                        for t, ds in train_sets.items()}
+        self.train_loader = MultitaskLoader(self.loaders, seed=cfg.seed, world_size=self.dist.world_size,
+                                            rank=self.dist.rank, num_workers=cfg.num_workers,
+                                            pin_memory=self.device.type == "cuda")
+        self.eval_batch = sizes
+        steps_per_epoch = len(self.train_loader)
+        total_micro = steps_per_epoch * self.epochs
+        if cfg.max_steps:
+            total_micro = min(total_micro, cfg.max_steps * cfg.grad_accum)
+        self.total_micro_steps = total_micro
+        self.optimizer = build_optimizer(self.model, self.lr, cfg.weight_decay, official_ln_decay=cfg.official_ln_decay)
+        self.scheduler = build_scheduler(self.optimizer, math.ceil(total_micro / cfg.grad_accum), cfg.warmup_ratio)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and self.device.type == "cuda")
+        self.forward_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.forward_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        t, n = self.model.parameter_counts()
+        self.params = {"trainable": t, "total": n, "percent": 100 * t / n}
+
+    @staticmethod
+    def _probe_feat_dim(train_sets) -> int:
+        ds = next(iter(train_sets.values()))
+        ex = ds.get_example(0, epoch=0) if hasattr(ds, "get_example") else ds[0]
+        return int(np.shape(ex["vis_feats"])[-1])
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if not self.dist.is_main:
+            return
+        tmp = self.out / ".checkpoint.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_adapter(self.model, tmp)
+        state = {
+            "global_step": self.global_step, "micro_step": self.micro_step,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": _rng_state(), "data": self.train_loader.state_dict(),
+            "history": json.dumps(self.history), "best": json.dumps(getattr(self, "best", None)),
+        }
+        torch.save(state, tmp / STATE_NAME)
+        final, old = self.out / "checkpoint", self.out / ".checkpoint.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)  # a kill before this line leaves .checkpoint.old, which resume also reads
+        if old.exists():
+            shutil.rmtree(old)
+
+    def _latest_checkpoint(self) -> Path | None:
+        for name in ("checkpoint", ".checkpoint.old"):
+            p = self.out / name
+            if (p / STATE_NAME).is_file() and (p / "vlpet_config.json").is_file():
+                return p
+        return None
+
+    def load_checkpoint(self) -> bool:
+        path = self._latest_checkpoint()
+        if path is None:
+            return False
+        load_trainable(self.model, load_tensors(path / "adapter_model.safetensors"), source=str(path))
+        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.train_loader.load_state_dict(state["data"])
+        self.global_step, self.micro_step = state["global_step"], state["micro_step"]
+        self.history = json.loads(state["history"])
+        self.best = json.loads(state["best"])
+        _set_rng_state(state["rng"])
+        return True
+
+    # -- logging --------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if not self.dist.is_main:
+            return
+        with open(self.out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(k, v, record.get("step", self.global_step))
+
+    def _open_tensorboard(self):
+        self.tb = None
+        if not self.dist.is_main:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tb"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        self._prepare_output()
+        self._build()
+        self.best = None
+        resumed = self.load_checkpoint() if cfg.resume else False
+        self._open_tensorboard()
+        if self.dist.is_main:
+            tp = self.params
+            print(f"vlpet: {cfg.method} on {cfg.backbone} | trainable {tp['trainable']:,} of {tp['total']:,} "
+                  f"({tp['percent']:.2f}%) | tasks {','.join(self.tasks)} | {len(self.train_loader)} steps/epoch x "
+                  f"{self.epochs} epochs | lr {self.lr:g} | {cfg.precision} on {self.device}"
+                  + (f" | resumed at step {self.micro_step}" if resumed else ""))
+        model, opt = self.model, self.optimizer
+        bar = tqdm(total=self.total_micro_steps, initial=self.micro_step, disable=not (cfg.progress and self.dist.is_main),
+                   desc="train", dynamic_ncols=True)
+        t0, seen = time.time(), 0
+        running: dict[str, list[float]] = {}
+        done = self.micro_step >= self.total_micro_steps
+        while not done and self.train_loader.epoch < self.epochs:
+            model.train()
+            epoch = self.train_loader.epoch
+            for batch in self.train_loader:
+                loss = self._train_micro_step(batch)
+                running.setdefault(batch["task"], []).append(loss)
+                seen += batch["input_ids"].shape[0]
+                bar.update(1)
+                if self.micro_step % cfg.grad_accum == 0 and self.global_step % max(cfg.log_every, 1) == 0:
+                    rate = seen / max(time.time() - t0, 1e-9)
+                    rec = {"step": self.micro_step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0],
+                           "samples_per_s": rate}
+                    for task, vals in running.items():
+                        rec[f"loss/{task}"] = float(np.mean(vals))
+                    running = {}
+                    self._log(rec)
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", sps=f"{rate:.0f}")
+                if cfg.save_every_steps and self.micro_step % cfg.save_every_steps == 0:
+                    self.save_checkpoint()
+                if self.micro_step >= self.total_micro_steps:
+                    done = True
+                    break
+            epoch_finished = self.train_loader.sampler.position in (0, len(self.train_loader))
+            if epoch_finished and cfg.eval_every_epoch:
+                self._validate(epoch)
+            self.save_checkpoint()
+        bar.close()
+        return self._finish(time.time() - t0)
+
+    def _train_micro_step(self, batch: dict) -> float:
+        cfg = self.cfg
+        spec = self.specs[batch["task"]]
+        b = to_device(batch, self.device)
+        with autocast(self.device, cfg.precision):
+            out = self.forward_model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"],
+                                     labels=b["target_ids"], task=batch["task"])
+            loss = task_loss(out.logits, b["target_ids"], spec.loss_reduction,
+                             b["scores"] if spec.weight_by_score else None)
+        bad = broadcast_flag(not torch.isfinite(loss).item(), self.dist, self.device)
+        if bad:
+            raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.micro_step + 1}, epoch "
+                                f"{batch['epoch']}, task {batch['task']}; stopped — the last good checkpoint "
+                                f"in {self.out / 'checkpoint'} is kept (try a lower --lr or --precision fp32)")
+        self.scaler.scale(loss / cfg.grad_accum).backward()
+        self.micro_step += 1
+        if self.micro_step % cfg.grad_accum == 0 or self.micro_step >= self.total_micro_steps:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.global_step += 1
+        return float(loss.detach())
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate_split(self, split: str, model=None, desc: str = "") -> dict[str, dict[str, float]]:
+        cfg = self.cfg
+        model = model or self.model
+        scores, preds = evaluate_model(model, self.tokenizer, cfg.data_root, self.tasks, split, self.specs,
+                                       feat_dim=self.feat_dim, feature_dirname=cfg.feature_dirname,
+                                       batch_sizes=self.eval_batch, device=self.device, precision=cfg.precision,
+                                       limit=cfg.limit_eval, caption_metrics=cfg.caption_metrics,
+                                       progress=cfg.progress, desc=desc, skip_missing=True)
+        self.model.train()
+        self.last_predictions = preds
+        return scores
+
+    def _validate(self, epoch: int) -> None:
+        if not self.dist.is_main:
+            barrier(self.dist)
+            return
+        scores = self.evaluate_split("val", desc="val ")
+        barrier(self.dist)
+        if not scores:
+            return
+        from .evaluate import MAIN_METRIC
+
+        avg = float(np.mean([scores[t][MAIN_METRIC[t]] for t in scores]))
+        rec = {"step": self.micro_step, "epoch": epoch, "val/avg": avg}
+        for t, s in scores.items():
+            for k, v in s.items():
+                rec[f"val/{t}/{k}"] = v
+        self._log(rec)
+        print(f"epoch {epoch}: validation " + ", ".join(f"{t} {s[MAIN_METRIC[t]]:.2f}" for t, s in scores.items())
+              + f" | avg {avg:.2f}")
+        if self.best is None or avg > self.best["avg"]:
+            self.best = {"avg": avg, "epoch": epoch, "step": self.micro_step}
+            save_adapter(self.model, self.out / ".adapter-best.tmp")
+            _replace_dir(self.out / ".adapter-best.tmp", self.out / "adapter-best")
+
+    def _finish(self, seconds: float) -> dict:
+        cfg = self.cfg
+        result: dict[str, Any] = {"method": cfg.method, "backbone": cfg.backbone, "seed": cfg.seed,
+                                  "params": self.params, "train_seconds": seconds, "steps": self.micro_step}
+        if self.dist.is_main:
+            save_adapter(self.model, self.out / ".adapter-last.tmp")
+            _replace_dir(self.out / ".adapter-last.tmp", self.out / "adapter-last")
+            if self.best is None:  # no validation ran: last is also best
+                shutil.copytree(self.out / "adapter-last", self.out / "adapter-best", dirs_exist_ok=True)
+            result["best"] = self.best
+            if cfg.eval_test:
+                from ..model import VLModel
+
+                test = {"last": self.evaluate_split("test", desc="test(last) ")}
+                if self.best is not None and self.best["step"] == self.micro_step:
+                    test["best"] = test["last"]  # the last epoch was the best one
+                elif self.best is not None and (self.out / "adapter-best").exists():
+                    best_model = VLModel.from_pretrained(self.out / "adapter-best", backbone=cfg.backbone).to(self.device)
+                    test["best"] = self.evaluate_split("test", model=best_model, desc="test(best) ")
+                result["test"] = test
+                lines = []
+                for which, scores in test.items():
+                    if scores and all(t in scores for t in self.tasks):
+                        avg, header, row = table_row(f"{cfg.method} ({which})", self.params["percent"], scores,
+                                                     self.tasks)
+                        result.setdefault("avg", {})[which] = avg
+                        lines = lines or [header]
+                        lines.append(row)
+                if lines:
+                    (self.out / "results.md").write_text("\n".join(lines) + "\n")
+                    print("\n".join(lines))
+            try:
+                from .plots import plot_run
+
+                gates = collect_gates(self.model, {t: l.get_batch(0, 0) for t, l in self.loaders.items()},
+                                      self.device, cfg.precision)
+                if gates:
+                    result["gates"] = {k: float(v) for k, v in gates.items()}
+                plot_run(self.out, self.history, gates=gates)
+            except Exception as exc:  # plots never fail a finished run
+                print(f"vlpet: plots skipped ({exc})")
+            atomic_write_json(self.out / "results.json", result)
+            if self.tb is not None:
+                self.tb.close()
+        barrier(self.dist)
+        return result
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def train(cfg: TrainConfig) -> dict:
+    return Trainer(cfg).train()

@@ -1,0 +1,126 @@
+"""`vlpet evaluate` and `vlpet predict` on a run folder or an adapter folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CONFIG_NAME, atomic_write_bytes, atomic_write_json
+from ..errors import CheckpointError, ConfigError
+from .evaluate import evaluate_model, predict_task, table_row
+
+ALL_TASKS = ("vqa", "gqa", "nlvr", "caption")
+
+
+def _resolve(checkpoint) -> tuple[dict, list[tuple[str, Path]]]:
+    """(run config or {}, [(label, adapter folder), ...])."""
+    path = Path(checkpoint)
+    if (path / "run_config.json").is_file():
+        run = json.loads((path / "run_config.json").read_text())
+        folders = [(w, path / f"adapter-{w}") for w in ("last", "best") if (path / f"adapter-{w}" / CONFIG_NAME).is_file()]
+        if not folders:
+            raise CheckpointError(f"{path}: the run has no finished adapter yet (adapter-last/ or adapter-best/); "
+                                  f"an interrupted run continues with `vlpet train --resume --output {path} ...`")
+        return run, folders
+    if (path / CONFIG_NAME).is_file():
+        return {}, [("adapter", path)]
+    raise CheckpointError(f"{path}: neither a vlpet run folder (run_config.json) nor an adapter folder ({CONFIG_NAME})")
+
+
+def _load(folder: Path, backbone: str | None, device):
+    from ..backbones.loading import load_tokenizer
+    from ..model import VLModel
+
+    model = VLModel.from_pretrained(folder, backbone=backbone).to(device)
+    if model.tokenizer is None:
+        model.tokenizer = load_tokenizer(backbone or model.backbone_name, required=True)
+    model.eval()
+    return model
+
+
+def _specs(tasks, model, run: dict):
+    from ..data.tasks import get_task_spec
+
+    return {t: get_task_spec(t, use_prompts=model.method.task_prompts,
+                             official_gqa_typo=run.get("official_gqa_typo", False),
+                             caption_no_repeat_ngram_size=run.get("caption_no_repeat_ngram_size", 0)) for t in tasks}
+
+
+def _device(device):
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbone=None, batch_size=100,
+                        precision="fp32", feature_dirname=None, limit=None, device=None, output=None,
+                        progress=True) -> dict:
+    from ..data.tasks import canonical_task
+
+    run, folders = _resolve(checkpoint)
+    tasks = tuple(canonical_task(t) for t in (tasks or run.get("tasks") or ALL_TASKS))
+    feature_dirname = feature_dirname or run.get("feature_dirname", "data_clip_RN101_att")
+    backbone = backbone or run.get("backbone")
+    dev = _device(device)
+    results, lines = {}, []
+    for label, folder in folders:
+        model = _load(folder, backbone, dev)
+        t, n = model.parameter_counts()
+        scores, _ = evaluate_model(model, model.tokenizer, data_root, tasks, split, _specs(tasks, model, run),
+                                   feat_dim=model.visual_config.feat_dim, feature_dirname=feature_dirname,
+                                   batch_sizes={k: batch_size for k in tasks}, device=dev, precision=precision,
+                                   limit=limit, caption_metrics=tuple(run.get("caption_metrics", ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"))),
+                                   progress=progress, desc=f"{label} ", skip_missing=True)
+        entry = {"adapter": str(folder), "method": model.method.name, "params_percent": 100 * t / n, "scores": scores}
+        done = [k for k in tasks if k in scores]
+        if done:
+            avg, header, row = table_row(f"{model.method.name} ({label})", 100 * t / n, scores, done)
+            entry["avg"] = avg
+            lines = lines or [header]
+            lines.append(row)
+        results[label] = entry
+    if not any(r["scores"] for r in results.values()):
+        raise ConfigError(f"--data-root {data_root}: none of the tasks {', '.join(tasks)} has a {split!r} split there")
+    out = Path(output) if output else Path(checkpoint) / f"eval-{split}.json"
+    atomic_write_json(out, {"split": split, "tasks": list(tasks), "results": results})
+    atomic_write_bytes(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
+    print("\n".join(lines))
+    print(f"results: {out}")
+    return results
+
+
+def predict_checkpoint(checkpoint, data_root, task, output, split="test", backbone=None, batch_size=100,
+                       precision="fp32", feature_dirname=None, limit=None, device=None, progress=True) -> Path:
+    from ..data import TaskBatchLoader, build_dataset
+    from ..data.tasks import canonical_task
+
+    run, folders = _resolve(checkpoint)
+    folder = folders[0][1]
+    task = canonical_task(task)
+    dev = _device(device)
+    model = _load(folder, backbone or run.get("backbone"), dev)
+    spec = _specs((task,), model, run)[task]
+    ds = build_dataset(task, split, data_root, model.tokenizer, spec=spec, feat_dim=model.visual_config.feat_dim,
+                       feature_dirname=feature_dirname or run.get("feature_dirname", "data_clip_RN101_att"),
+                       limit=limit)
+    loader = TaskBatchLoader(ds, batch_size, shuffle=False, pad_id=model.tokenizer.pad_token_id, task=task)
+    result = predict_task(model, loader, spec, model.tokenizer, dev, precision, progress=progress)
+    preds = result["predictions"]
+    out = Path(output)
+    if task == "vqa":
+        payload = [{"question_id": q, "answer": a} for q, a in preds.items()]
+    elif task == "gqa":
+        payload = [{"questionId": q, "prediction": a} for q, a in preds.items()]
+    elif task == "nlvr":
+        idents = result["gold"]["identifiers"]
+        if out.suffix == ".csv":
+            text = "".join(f"{idents[q]},{'True' if p else 'False'}\n" for q, p in preds.items())
+            atomic_write_bytes(out, text.encode())
+            print(f"{len(preds)} predictions -> {out}")
+            return out
+        payload = [{"identifier": idents[q], "prediction": "True" if p else "False"} for q, p in preds.items()]
+    else:
+        payload = [{"image_id": q, "caption": c} for q, c in preds.items()]
+    atomic_write_json(out, payload)
+    print(f"{len(preds)} predictions -> {out}")
+    return out
