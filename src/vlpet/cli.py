@@ -50,40 +50,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     # train
     p = sub.add_parser("train", help="train a preset with the paper's multitask recipe")
-    _add_common_model(p)
-    p.add_argument("--data-root", required=True, help="folder in the VL-Adapter layout (vqa/, GQA/, nlvr/, COCO/ ...)")
-    p.add_argument("--tasks", type=_tasks, default=("vqa", "gqa", "nlvr", "caption"),
-                   help="comma-separated: vqa,gqa,nlvr,caption")
-    p.add_argument("--output", required=True, help="run folder (checkpoints, logs, results, plots)")
+    p.add_argument("--config", default=None,
+                   help="a recipe file (YAML/JSON, e.g. recipes/bart-base/vl-pet-large.yaml); options given on the "
+                        "command line override it")
+    p.add_argument("--backbone", default=None,
+                   help="built-in offline architecture (bart-base, t5-base: random weights), a Hugging Face id "
+                        "(facebook/bart-base, t5-base) or a local folder (default bart-base)")
+    p.add_argument("--method", "--recipe", dest="method", default=None,
+                   help="preset name, see `vlpet presets` (default vl-pet-large)")
+    p.add_argument("--data-root", default=None, help="folder in the VL-Adapter layout (vqa/, GQA/, nlvr/, COCO/ ...)")
+    p.add_argument("--tasks", type=_tasks, default=None, help="comma-separated (default vqa,gqa,nlvr,caption)")
+    p.add_argument("--output", default=None, help="run folder (checkpoints, logs, results, plots)")
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's (20)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="VQA batch per process; other tasks scale as in the paper (default: 500 BART, 300 T5)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--lr", type=float, default=None, help="default: the preset's")
-    p.add_argument("--seed", type=int, default=42, help="fixes init, dropout, answer sampling, task and data order")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--seed", type=int, default=None, help="default 42; fixes init, dropout, answer sampling, "
+                                                          "task order and data order")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default fp32")
+    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (default 1)")
     p.add_argument("--feat-dim", type=int, default=None, help="visual feature size (default: read from the data)")
-    p.add_argument("--feature-dirname", default="data_clip_RN101_att",
-                   help="feature sub-folder name under */clip_features/ (e.g. data_efficientnet-lite0_att)")
-    p.add_argument("--official-gqa-typo", action="store_true", help='use the official GQA prompt "gpa: "')
-    p.add_argument("--official-ln-decay", action="store_true",
+    p.add_argument("--feature-dirname", default=None,
+                   help="feature sub-folder under */clip_features/ (default data_clip_RN101_att)")
+    p.add_argument("--official-gqa-typo", action="store_true", default=None, help='use the official GQA prompt "gpa: "')
+    p.add_argument("--official-ln-decay", action="store_true", default=None,
                    help="decay LayerNorm weights as the official optimizer does (spec §8.1.10)")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0,
-                   help="caption decoding; the official BART path inherits 3 from facebook/bart-base")
-    p.add_argument("--caption-metrics", type=_tasks, default=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"),
-                   help="comma-separated caption metrics (BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE); METEOR needs Java")
+    p.add_argument("--no-repeat-ngram-size", dest="caption_no_repeat_ngram_size", type=int, default=None,
+                   help="caption decoding (default 0); the official BART path inherits 3 from facebook/bart-base")
+    p.add_argument("--caption-metrics", type=_tasks, default=None,
+                   help="comma-separated caption metrics (default BLEU-4,METEOR,ROUGE-L,CIDEr; METEOR needs Java)")
     p.add_argument("--limit-train", type=int, default=None, help="first N examples per task (smoke runs)")
     p.add_argument("--limit-eval", type=int, default=None)
     p.add_argument("--save-every-steps", type=int, default=None, help="also checkpoint every N steps")
-    p.add_argument("--no-eval", action="store_true", help="skip per-epoch validation")
-    p.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--no-eval", dest="eval_every_epoch", action="store_false", default=None,
+                   help="skip per-epoch validation")
+    p.add_argument("--no-test", dest="eval_test", action="store_false", default=None,
+                   help="skip the final test evaluation")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in --output from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run in --output")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
     # evaluate / predict
     p = sub.add_parser("evaluate", help="score a run or adapter folder; prints a Table-2 row")
@@ -183,20 +193,18 @@ def cmd_presets(a) -> int:
     return 0
 
 
-def cmd_train(a) -> int:
-    from .train.loop import TrainConfig, train
+TRAIN_KEYS = ("backbone", "method", "data_root", "tasks", "output", "epochs", "batch_size", "max_steps", "lr", "seed",
+              "precision", "grad_accum", "feat_dim", "feature_dirname", "official_gqa_typo", "official_ln_decay",
+              "caption_no_repeat_ngram_size", "caption_metrics", "limit_train", "limit_eval", "save_every_steps",
+              "eval_every_epoch", "eval_test", "num_workers", "device", "compile", "resume", "overwrite", "progress")
 
-    cfg = TrainConfig(
-        backbone=a.backbone, method=a.method, data_root=a.data_root, output=a.output, tasks=a.tasks,
-        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, precision=a.precision,
-        grad_accum=a.grad_accum, max_steps=a.max_steps, feat_dim=a.feat_dim, feature_dirname=a.feature_dirname,
-        official_gqa_typo=a.official_gqa_typo, official_ln_decay=a.official_ln_decay,
-        caption_no_repeat_ngram_size=a.no_repeat_ngram_size, caption_metrics=a.caption_metrics, limit_train=a.limit_train, limit_eval=a.limit_eval,
-        save_every_steps=a.save_every_steps, eval_every_epoch=not a.no_eval, eval_test=not a.no_test,
-        num_workers=a.num_workers, device=a.device, compile=a.compile, resume=a.resume, overwrite=a.overwrite,
-        progress=not a.no_progress, debug=a.debug,
-    )
-    train(cfg)
+
+def cmd_train(a) -> int:
+    from .train.loop import train
+    from .train.recipes import build_train_config
+
+    cli = {k: getattr(a, k) for k in TRAIN_KEYS if getattr(a, k, None) is not None}
+    train(build_train_config(a.config, cli, debug=a.debug))
     return 0
 
 
