@@ -131,8 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # import-official
     p = sub.add_parser("import-official", help="official VL-PET checkpoint (LAST.pth) -> vlpet adapter folder")
-    p.add_argument("checkpoint")
-    _add_common_model(p)
+    p.add_argument("checkpoint", help="the official LAST.pth (a full state_dict; loaded with weights_only=True)")
+    p.add_argument("--backbone", default="facebook/bart-base",
+                   help="the pretrained backbone the official run used (its frozen weights are not in the adapter)")
+    p.add_argument("--method", default="auto",
+                   help="preset (vl-pet-small|middlex|middley|large); 'auto' reads the granularity off the gate names")
     p.add_argument("--output", required=True)
     p.add_argument("--strict", action="store_true", help="fail on any missing or unexpected key")
 
@@ -237,7 +240,8 @@ def cmd_features(a) -> int:
 def cmd_import_official(a) -> int:
     from .official import import_official
 
-    _, report = import_official(a.checkpoint, a.backbone, a.method, output_dir=a.output, strict=a.strict)
+    _, report = import_official(a.checkpoint, a.backbone, None if a.method == "auto" else a.method,
+                                output_dir=a.output, strict=a.strict)
     print(f"imported {len(report['mapped'])} tensors into {a.output}; missing {len(report['missing'])}, "
           f"unexpected {len(report['unexpected'])}")
     for key in ("missing", "unexpected"):
