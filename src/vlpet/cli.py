@@ -58,12 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(facebook/bart-base, t5-base) or a local folder (default bart-base)")
     p.add_argument("--method", "--recipe", dest="method", default=None,
                    help="preset name, see `vlpet presets` (default vl-pet-large)")
-    p.add_argument("--data-root", default=None, help="folder in the VL-Adapter layout (vqa/, GQA/, nlvr/, COCO/ ...)")
-    p.add_argument("--tasks", type=_tasks, default=None, help="comma-separated (default vqa,gqa,nlvr,caption)")
+    p.add_argument("--data-root", default=None, help="folder in the VL-Adapter layout (vqa/, GQA/, nlvr/, COCO/ ...; "
+                                                     "video/ in the VALUE layout for the video tasks)")
+    p.add_argument("--tasks", type=_tasks, default=None,
+                   help="comma-separated (default vqa,gqa,nlvr,caption; video: tvqa,how2qa,tvc,yc2c)")
     p.add_argument("--output", default=None, help="run folder (checkpoints, logs, results, plots)")
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's (20)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="VQA batch per process; other tasks scale as in the paper (default: 500 BART, 300 T5)")
+                   help="VQA batch per process; other tasks scale as in the paper (default: 500 BART, 300 T5); "
+                        "video: the batch of every task (default 50 BART)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--lr", type=float, default=None, help="default: the preset's")
     p.add_argument("--seed", type=int, default=None, help="default 42; fixes init, dropout, answer sampling, "
@@ -73,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feat-dim", type=int, default=None, help="visual feature size (default: read from the data)")
     p.add_argument("--feature-dirname", default=None,
                    help="feature sub-folder under */clip_features/ (default data_clip_RN101_att)")
+    p.add_argument("--unmasked-frames", dest="mask_padded_frames", action="store_false", default=None,
+                   help="video: attend to the zero-padded frames as the official code does (default: masked)")
     p.add_argument("--official-gqa-typo", action="store_true", default=None, help='use the official GQA prompt "gpa: "')
     p.add_argument("--official-ln-decay", action="store_true", default=None,
                    help="decay LayerNorm weights as the official optimizer does (spec §8.1.10)")
@@ -108,13 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--output", default=None, help="results JSON (default: <checkpoint>/eval-<split>.json)")
+    p.add_argument("--unmasked-frames", action="store_true", default=None,
+                   help="video: attend to padded frames (default: as the run was trained)")
+    p.add_argument("--caption-metrics", type=_tasks, default=None,
+                   help="comma-separated caption metrics (default: the run's, else BLEU-4,METEOR,ROUGE-L,CIDEr)")
 
     p = sub.add_parser("predict", help="write predictions in the official submission format")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-root", required=True)
-    p.add_argument("--task", required=True, choices=("vqa", "gqa", "nlvr", "caption"))
+    p.add_argument("--task", required=True, choices=("vqa", "gqa", "nlvr", "caption", "tvqa", "how2qa", "tvc", "yc2c"))
     p.add_argument("--split", default="test")
-    p.add_argument("--output", required=True, help="FILE.json (NLVR2: FILE.csv also accepted)")
+    p.add_argument("--output", required=True, help="FILE.json (NLVR2: FILE.csv also accepted; video: VALUE's .json "
+                                                    "/ .jsonl format, and a folder gets VALUE's file name)")
+    p.add_argument("--unmasked-frames", action="store_true", default=None,
+                   help="video: attend to padded frames (default: as the run was trained)")
     p.add_argument("--backbone", default=None)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -199,7 +211,8 @@ def cmd_presets(a) -> int:
 TRAIN_KEYS = ("backbone", "method", "data_root", "tasks", "output", "epochs", "batch_size", "max_steps", "lr", "seed",
               "precision", "grad_accum", "feat_dim", "feature_dirname", "official_gqa_typo", "official_ln_decay",
               "caption_no_repeat_ngram_size", "caption_metrics", "limit_train", "limit_eval", "save_every_steps",
-              "eval_every_epoch", "eval_test", "num_workers", "device", "compile", "resume", "overwrite", "progress")
+              "eval_every_epoch", "eval_test", "num_workers", "device", "compile", "resume", "overwrite", "progress",
+              "mask_padded_frames")
 
 
 def cmd_train(a) -> int:
@@ -216,7 +229,8 @@ def cmd_evaluate(a) -> int:
 
     evaluate_checkpoint(a.checkpoint, a.data_root, split=a.split, tasks=a.tasks, backbone=a.backbone,
                         batch_size=a.batch_size, precision=a.precision, feature_dirname=a.feature_dirname,
-                        limit=a.limit, device=a.device, output=a.output)
+                        limit=a.limit, device=a.device, output=a.output, unmasked_frames=a.unmasked_frames,
+                        caption_metrics=a.caption_metrics)
     return 0
 
 
@@ -225,7 +239,7 @@ def cmd_predict(a) -> int:
 
     predict_checkpoint(a.checkpoint, a.data_root, a.task, a.output, split=a.split, backbone=a.backbone,
                        batch_size=a.batch_size, precision=a.precision, feature_dirname=a.feature_dirname,
-                       limit=a.limit, device=a.device)
+                       limit=a.limit, device=a.device, unmasked_frames=a.unmasked_frames)
     return 0
 
 

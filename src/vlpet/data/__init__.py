@@ -1,4 +1,5 @@
-"""Image-text data in the VL-Adapter layout: readers, datasets, the multi-task sampler, fixtures.
+"""Image-text data in the VL-Adapter layout and video-text data in the VALUE layout (``video.py``):
+readers, datasets, the multi-task sampler, fixtures.
 
 Quick start::
 
@@ -51,7 +52,19 @@ from .records import (
     read_vqa_annotations,
 )
 from .sampler import MultitaskLoader, MultitaskSampler, TaskBatchLoader, TaskStep, task_batch_sizes
-from .tasks import TASKS, TaskSpec, canonical_task, class_token_ids, get_task_spec, get_task_specs
+from .tasks import TASKS, VIDEO_TASKS, TaskSpec, canonical_task, class_token_ids, get_task_spec, get_task_specs
+from .video import (
+    VideoCaptionDataset,
+    VideoQADataset,
+    build_video_dataset,
+    read_subtitles,
+    read_video_captions,
+    read_video_qa,
+    resize_frames,
+    video_input_text,
+    write_value_predictions,
+)
+from .video_fixtures import VideoFixture, make_video_fixture
 
 __all__ = [
     "BATCH_KEYS", "CaptionDataset", "ImageTextDataset", "NLVR2Dataset", "QADataset", "best_answer",
@@ -65,4 +78,7 @@ __all__ = [
     "read_vqa_annotations",
     "MultitaskLoader", "MultitaskSampler", "TaskBatchLoader", "TaskStep", "task_batch_sizes",
     "TASKS", "TaskSpec", "canonical_task", "class_token_ids", "get_task_spec", "get_task_specs",
+    "VIDEO_TASKS", "VideoCaptionDataset", "VideoQADataset", "build_video_dataset", "read_subtitles",
+    "read_video_captions", "read_video_qa", "resize_frames", "video_input_text", "write_value_predictions",
+    "VideoFixture", "make_video_fixture",
 ]

@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 #: keys of every collated batch; task-specific extras: ``label_dicts`` (vqa, gqa),
-#: ``labels`` and ``identifiers`` (nlvr)
+#: ``labels`` and ``identifiers`` (nlvr), ``vis_attention_mask`` (video tasks: [B, 64], 1 = real frame)
 BATCH_KEYS = (
     "task", "input_ids", "attention_mask", "vis_feats", "boxes", "target_ids", "question_ids",
     "scores", "targets", "target_texts", "img_ids", "sents",
@@ -280,7 +280,7 @@ def build_dataset(
     tokenizer,
     *,
     mode: str | None = None,
-    feat_dim: int | None = 2048,
+    feat_dim: int | None | str = "auto",
     feature_dirname: str = DEFAULT_FEATURE_DIRNAME,
     n_tokens: int | None = GRID_TOKENS,
     layout: VLAdapterLayout | None = None,
@@ -290,15 +290,30 @@ def build_dataset(
     seed: int = 0,
     limit: int | None = None,
     check_features: bool = False,
+    mask_padded_frames: bool = True,
 ) -> ImageTextDataset:
     """Build the dataset of one task and split (see the module docstring for split semantics).
 
     ``data_root`` may be None to use ``$VLPET_DATA_ROOT``; ``layout`` overrides both.
 
-    ``feat_dim`` is checked on every feature read (None: accept any); ``limit`` keeps the first
-    ``limit`` examples; ``check_features`` stats every feature file up front.
+    ``feat_dim`` is checked on every feature read (None: accept any; "auto": 2048, or 512 for video);
+    ``limit`` keeps the first ``limit`` examples; ``check_features`` stats every feature file up front.
+
+    Video tasks (tvqa, how2qa, tvc, yc2c) are built by :func:`vlpet.data.video.build_video_dataset`
+    (VALUE layout under ``data_root/video``); ``mask_padded_frames`` applies to them only.
     """
     task = canonical_task(task)
+    from .tasks import VIDEO_TASKS
+
+    if task in VIDEO_TASKS:
+        from .video import VIDEO_FEAT_DIM, build_video_dataset
+
+        return build_video_dataset(task, split, data_root, tokenizer, mode=mode,
+                                   feat_dim=VIDEO_FEAT_DIM if feat_dim == "auto" else feat_dim, layout=layout,
+                                   spec=spec, use_prompts=use_prompts, seed=seed, limit=limit,
+                                   check_features=check_features, mask_padded_frames=mask_padded_frames)
+    if feat_dim == "auto":
+        feat_dim = 2048
     if layout is None:
         layout = VLAdapterLayout(resolve_data_root(data_root), feature_dirname=feature_dirname)
     if spec is None:
@@ -356,7 +371,8 @@ def collate(batch: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
     [B, 49, F] (NLVR2 [B, 2, 49, F]), ``boxes`` zeros [..., 4], ``target_ids`` [B, T] padded with
     -100, ``scores`` float [B], plus the lists ``question_ids``, ``targets``, ``target_texts``,
     ``img_ids``, ``sents`` and the task-specific ``label_dicts`` (vqa, gqa) or ``labels`` (long [B])
-    and ``identifiers`` (nlvr).
+    and ``identifiers`` (nlvr). Video batches: ``vis_feats`` [B, 64, 512], ``vis_attention_mask``
+    long [B, 64] and ``img_ids`` = the ``vid_name`` s.
     """
     if not batch:
         raise ValueError("collate() got an empty batch")
@@ -389,4 +405,7 @@ def collate(batch: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
     if "label" in batch[0]:
         out["labels"] = torch.tensor([int(x["label"]) for x in batch], dtype=torch.long)
         out["identifiers"] = [x["identifier"] for x in batch]
+    if "vis_mask" in batch[0]:  # video: 1 = real frame, 0 = zero padding (spec §3.9)
+        out["vis_attention_mask"] = torch.from_numpy(np.stack([np.asarray(x["vis_mask"], dtype=np.int64)
+                                                               for x in batch]))
     return out

@@ -1,4 +1,4 @@
-"""The four image-text tasks as data (spec §3.5 - §3.8, §4.7).
+"""The four image-text tasks and the four video-text tasks as data (spec §3.5 - §3.9, §4.7).
 
 ``get_task_spec("vqa")`` returns a :class:`TaskSpec` that fixes the prompt, truncation lengths,
 loss reduction, score weighting, split semantics and pinned decoding settings of a task.
@@ -18,6 +18,11 @@ Notes on deliberate choices:
   'caption:'"); a GPT-2-BPE tokenizer would otherwise emit a lone trailing-space token.
 * **NLVR2** is classification through the LM head: ``classes = ("false", "true")`` (index = label)
   and the prediction compares the logits of the first token of each word (:func:`class_token_ids`).
+* **Video** (TVQA, How2QA, TVC, YC2C; spec §3.9): text up to 600 tokens with the prompt appended
+  at the end (``vlpet.data.video`` builds it), targets up to 20 tokens, per-sample loss, and
+  beam search with 5 beams and ``max_length`` 20 for all four, QA included (the official QA call
+  inherits both from the config). ``caption_no_repeat_ngram_size`` / ``caption_early_stopping``
+  apply to the video decoding too (the official BART path inherits 3 / True from bart-base).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 
 __all__ = [
     "TASKS",
+    "VIDEO_TASKS",
     "TaskSpec",
     "canonical_task",
     "get_task_spec",
@@ -35,7 +41,9 @@ __all__ = [
 ]
 
 TASKS = ("vqa", "gqa", "nlvr", "caption")
+VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
 _ALIASES = {
+    "tvqa": "tvqa", "how2qa": "how2qa", "tvc": "tvc", "yc2c": "yc2c", "youcook2": "yc2c",
     "vqa": "vqa", "vqav2": "vqa",
     "gqa": "gqa",
     "nlvr": "nlvr", "nlvr2": "nlvr",
@@ -48,7 +56,7 @@ def canonical_task(name: str) -> str:
     try:
         return _ALIASES[name.lower()]
     except (KeyError, AttributeError):
-        raise ValueError(f"unknown task {name!r}; expected one of {list(TASKS)}") from None
+        raise ValueError(f"unknown task {name!r}; expected one of {list(TASKS + VIDEO_TASKS)}") from None
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class TaskSpec:
     text_from_prompt_only: bool = False  # caption: encoder text is the prompt alone
     # logical split -> file-level split names (spec §7.2, §4.7)
     splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    video: bool = False  # a video-text task (64 frame tokens, VALUE layout; vlpet.data.video)
 
     def __post_init__(self) -> None:
         if self.loss_reduction not in ("sample", "token"):
@@ -101,6 +110,8 @@ def get_task_spec(
     caption_no_repeat_ngram_size: int = 0,
     caption_early_stopping: bool = False,
     qa_max_new_tokens: int = 10,
+    video_num_beams: int = 5,
+    video_max_length: int = 20,
 ) -> TaskSpec:
     """The :class:`TaskSpec` of one task. ``use_prompts=False`` gives empty prompts (the official
     full fine-tuning and Hyperformer scripts run without ``--use_tasks_prompts``)."""
@@ -122,6 +133,19 @@ def get_task_spec(
             # trains on train + valid; test-dev is both the validation and the reported split
             splits={"train": ("train", "valid"), "val": ("testdev",), "test": ("testdev",)},
         )
+    if name in VIDEO_TASKS:
+        video_decode = {
+            "num_beams": video_num_beams,
+            "do_sample": False,
+            "max_length": video_max_length,
+            "no_repeat_ngram_size": caption_no_repeat_ngram_size,
+            "early_stopping": caption_early_stopping,
+        }
+        splits = {
+            "tvqa": {"train": ("train",), "val": ("val",), "test": ("test_public", "test_release")},
+            "how2qa": {"train": ("train_release",), "val": ("val_release",), "test": ("test_public_release",)},
+        }.get(name, {"train": ("train_release",), "val": ("val_release",), "test": ("test_release",)})
+        return TaskSpec(name, p(f"{name}: "), 600, 20, 1, "sample", False, video_decode, splits=splits, video=True)
     if name == "nlvr":
         return TaskSpec(
             "nlvr", p("nlvr: "), None, None, 2, "sample", False, {}, classes=("false", "true"),

@@ -2,6 +2,12 @@
 
 VQA / GQA: greedy generation; NLVR2: classification by the LM head's first-token logits of
 "true" vs "false"; captions: beam search. Every generation setting comes from the task spec.
+
+Video tasks (spec §3.9, §5): TVQA / How2QA accuracy of the generated "a<k>" (an unparsable answer
+counts as wrong and is logged); TVC / YC2C caption metrics twice, ``multi_ref/*`` (all references
+of a clip) and ``single_ref/*`` (the official validation's one reference per description); the
+main number is ``multi_ref/CIDEr``. VALUE's test files carry no labels: they are predicted, not
+scored (see ``vlpet.data.video.score_video_task``).
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from ..data.sampler import TaskBatchLoader
 from ..data.tasks import TaskSpec, class_token_ids
 
 # The number each task contributes to a Table-2 row (and to Avg).
-MAIN_METRIC = {"vqa": "accuracy", "gqa": "accuracy", "nlvr": "accuracy", "caption": "CIDEr"}
-TABLE_COLUMNS = {"vqa": "VQA", "gqa": "GQA", "nlvr": "NLVR2", "caption": "COCO CIDEr"}
+MAIN_METRIC = {"vqa": "accuracy", "gqa": "accuracy", "nlvr": "accuracy", "caption": "CIDEr",
+               "tvqa": "accuracy", "how2qa": "accuracy", "tvc": "multi_ref/CIDEr", "yc2c": "multi_ref/CIDEr"}
+TABLE_COLUMNS = {"vqa": "VQA", "gqa": "GQA", "nlvr": "NLVR2", "caption": "COCO CIDEr",
+                 "tvqa": "TVQA", "how2qa": "How2QA", "tvc": "TVC", "yc2c": "YC2C"}
 
 
 def autocast(device: torch.device, precision: str):
@@ -46,7 +54,8 @@ def predict_task(model, loader: TaskBatchLoader, spec: TaskSpec, tokenizer, devi
     """Predictions keyed by question/image id, plus the gold data needed to score them."""
     model.eval()
     preds: dict[Any, Any] = {}
-    gold: dict[str, dict] = {"label_dicts": {}, "labels": {}, "refs": {}, "identifiers": {}, "logits": {}}
+    gold: dict[str, dict] = {"label_dicts": {}, "labels": {}, "refs": {}, "identifiers": {}, "logits": {},
+                             "answers": {}, "img_ids": {}}
     cls_ids = class_token_ids(spec, tokenizer) if spec.classes else None
     if cls_ids is not None:
         start = model.backbone.generation_config.decoder_start_token_id
@@ -56,18 +65,19 @@ def predict_task(model, loader: TaskBatchLoader, spec: TaskSpec, tokenizer, devi
         batch = loader.get_batch(0, i)
         qids = batch["question_ids"]
         b = to_device(batch, device)
+        vmask = b.get("vis_attention_mask")  # video: padded frames
         with autocast(device, precision):
             if cls_ids is not None:
                 dec = torch.tensor([prefix] * len(qids), device=device)
                 out = model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"], decoder_input_ids=dec,
-                            task=spec.name)
+                            vis_attention_mask=vmask, task=spec.name)
                 logits = out.logits[:, -1, cls_ids].float()
                 for q, row in zip(qids, logits.tolist()):
                     preds[q] = int(row[1] > row[0])  # true iff logit[true] > logit[false]
                     gold["logits"][q] = row
             else:
                 ids = model.generate(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"], task=spec.name,
-                                     **spec.decode_kwargs())
+                                     vis_attention_mask=vmask, **spec.decode_kwargs())
                 texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
                 for q, t in zip(qids, texts):
                     preds[q] = t.strip()
@@ -79,6 +89,11 @@ def predict_task(model, loader: TaskBatchLoader, spec: TaskSpec, tokenizer, devi
                 gold["identifiers"][q] = batch["identifiers"][k]
             if spec.name == "caption":
                 gold["refs"][q] = list(batch["targets"][k])
+            elif getattr(spec, "video", False):
+                gold["img_ids"][q] = batch["img_ids"][k]
+                if batch["targets"][k]:  # VALUE test files have no answers / descriptions
+                    key = "refs" if spec.name in ("tvc", "yc2c") else "answers"
+                    gold[key][q] = list(batch["targets"][k]) if key == "refs" else batch["targets"][k][0]
     return {"predictions": preds, "gold": gold}
 
 
@@ -104,6 +119,10 @@ def score_task(task: str, result: dict[str, Any], vqa_annotations=None,
         return {"accuracy": s["accuracy"], "consistency": s["consistency"]}
     if task == "caption":
         return dict(M.caption_scores(preds, gold["refs"], metrics=caption_metrics))
+    if task in ("tvqa", "how2qa", "tvc", "yc2c"):
+        from ..data.video import score_video_task
+
+        return score_video_task(task, result, caption_metrics)
     raise ValueError(f"no scorer for task {task!r}")
 
 
@@ -142,7 +161,7 @@ def table_row(label: str, params_percent: float | None, task_scores: dict[str, d
 def evaluate_model(model, tokenizer, data_root, tasks, split: str, specs: dict, *, feat_dim: int,
                    feature_dirname: str, batch_sizes: dict, device, precision: str = "fp32",
                    limit: int | None = None, caption_metrics=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"),
-                   progress: bool = True, desc: str = "", skip_missing: bool = False):
+                   progress: bool = True, desc: str = "", skip_missing: bool = False, mask_padded_frames: bool = True):
     """Scores and predictions of every task on one split: ({task: scores}, {task: predictions})."""
     from ..data import DataError, build_dataset
 
@@ -151,7 +170,7 @@ def evaluate_model(model, tokenizer, data_root, tasks, split: str, specs: dict, 
     for t in tasks:
         try:
             ds = build_dataset(t, split, data_root, tokenizer, spec=specs[t], feat_dim=feat_dim,
-                               feature_dirname=feature_dirname, limit=limit)
+                               feature_dirname=feature_dirname, limit=limit, mask_padded_frames=mask_padded_frames)
         except DataError as exc:
             if not skip_missing:
                 raise
@@ -160,8 +179,13 @@ def evaluate_model(model, tokenizer, data_root, tasks, split: str, specs: dict, 
         loader = TaskBatchLoader(ds, batch_sizes[t], shuffle=False, pad_id=tokenizer.pad_token_id, task=t)
         result = predict_task(model, loader, specs[t], tokenizer, device, precision, progress=progress,
                               desc=f"{desc}{t} {split}")
-        scores[t] = score_task(t, result, ann, caption_metrics)
+        task_scores = score_task(t, result, ann, caption_metrics)
         preds[t] = result
+        if not task_scores and getattr(specs[t], "video", False):  # VALUE test split: no public labels
+            print(f"vlpet: {t} {split}: no labels in the split, predictions only (VALUE scores test predictions "
+                  f"on its server: `vlpet predict`; use --split val for local scores)")
+            continue
+        scores[t] = task_scores
     return scores, preds
 
 
@@ -178,7 +202,8 @@ def collect_gates(model, batches: dict[str, dict], device, precision: str = "fp3
         for task, batch in batches.items():
             b = to_device(batch, device)
             with autocast(device, precision):
-                model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"], labels=b["target_ids"], task=task)
+                model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"], labels=b["target_ids"], task=task,
+                      vis_attention_mask=b.get("vis_attention_mask"))
             for k, g in model.gate_values().items():
                 acc.setdefault(k, []).append(g.float().mean().cpu())
     finally:

@@ -40,6 +40,7 @@ from .optim import build_optimizer, build_scheduler
 
 STATE_NAME = "trainer_state.pt"
 IMAGE_TASKS = ("vqa", "gqa", "nlvr", "caption")
+VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")  # spec §3.9: VALUE layout, 64 frame tokens, batch 50 each
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings that may differ between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "num_workers", "eval_test", "debug"}
@@ -53,7 +54,7 @@ class TrainConfig:
     output: str
     tasks: tuple[str, ...] = IMAGE_TASKS
     epochs: int | None = None  # None: the preset's (20)
-    batch_size: int | None = None  # VQA batch; None: the preset's (500 BART, 300 T5)
+    batch_size: int | None = None  # VQA batch (video: every task's); None: the preset's (500 BART, 300 T5; video 50)
     lr: float | None = None
     seed: int = 42
     precision: str = "fp32"
@@ -65,6 +66,7 @@ class TrainConfig:
     official_ln_decay: bool = False
     feat_dim: int | None = None  # None: read from the data (2048 for CLIP RN101)
     feature_dirname: str = "data_clip_RN101_att"
+    mask_padded_frames: bool | None = None  # video: None/True masks zero-padded frames; False = official (attended)
     official_gqa_typo: bool = False
     caption_no_repeat_ngram_size: int = 0
     caption_metrics: tuple[str, ...] = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -92,6 +94,11 @@ class TrainConfig:
         if self.grad_accum < 1:
             raise ConfigError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         self.tasks = tuple(self.tasks)
+        video = [t for t in self.tasks if str(t).lower() in VIDEO_TASKS + ("youcook2",)]
+        if video and len(video) != len(self.tasks):  # refused before the run folder is created
+            raise ConfigError(f"--tasks mixes image-text ({','.join(t for t in self.tasks if t not in video)}) and "
+                              f"video-text ({','.join(video)}) tasks; they need different visual features, presets "
+                              f"and batch sizes (spec §3.9, §4.5): train them in separate runs")
 
 
 def _rng_state() -> dict:
@@ -180,6 +187,14 @@ class Trainer:
 
         cfg = self.cfg
         self.tasks = tuple(canonical_task(t) for t in cfg.tasks)
+        video = [t for t in self.tasks if t in VIDEO_TASKS]
+        if video and len(video) != len(self.tasks):
+            image = [t for t in self.tasks if t not in VIDEO_TASKS]
+            raise ConfigError(f"--tasks mixes image-text ({','.join(image)}) and video-text ({','.join(video)}) tasks; "
+                              f"they need different visual features, presets and batch sizes (spec §3.9, §4.5): "
+                              f"train them in separate runs")
+        self.video = bool(video)
+        self.mask_padded_frames = cfg.mask_padded_frames is not False
         self.tokenizer = load_tokenizer(cfg.backbone, required=True)
         seed_everything(cfg.seed)
         from ..backbones.arch import arch_for
@@ -187,24 +202,26 @@ class Trainer:
 
         base = load_backbone(cfg.backbone, seed=cfg.seed)
         arch = arch_for(base.config.model_type)
-        method = get_preset(cfg.method, arch.name)
+        method = get_preset(cfg.method, arch.name, video=self.video)
         if cfg.method_overrides:
             from ..method import MethodConfig
 
             method = MethodConfig.from_dict({**method.to_dict(), **cfg.method_overrides}, "--method-overrides")
-        defaults = train_defaults(cfg.method, arch.name)
+        defaults = train_defaults(cfg.method, arch.name, video=self.video)
         self.epochs = cfg.epochs or defaults.epochs
         self.lr = cfg.lr or defaults.lr
         vqa_bs = cfg.batch_size or defaults.batch_size
         self.specs = {t: get_task_spec(t, use_prompts=method.task_prompts, official_gqa_typo=cfg.official_gqa_typo,
                                        caption_no_repeat_ngram_size=cfg.caption_no_repeat_ngram_size)
                       for t in self.tasks}
-        sizes = task_batch_sizes(vqa_bs)
+        # video: one batch size for all four tasks (spec §4.2)
+        sizes = {t: vqa_bs for t in self.tasks} if self.video else task_batch_sizes(vqa_bs)
         train_sets = {t: build_dataset(t, "train", cfg.data_root, self.tokenizer, spec=self.specs[t], seed=cfg.seed,
                                        feat_dim=cfg.feat_dim, feature_dirname=cfg.feature_dirname,
-                                       limit=cfg.limit_train) for t in self.tasks}
+                                       limit=cfg.limit_train, mask_padded_frames=self.mask_padded_frames)
+                      for t in self.tasks}
         feat_dim = cfg.feat_dim or self._probe_feat_dim(train_sets)
-        self.model = VLModel(base, method, VisualConfig(feat_dim=feat_dim), backbone_name=cfg.backbone,
+        self.model = VLModel(base, method, VisualConfig.for_task(self.video, feat_dim), backbone_name=cfg.backbone,
                              tokenizer=self.tokenizer, seed=cfg.seed).to(self.device)
         self.feat_dim = feat_dim
         pad = self.tokenizer.pad_token_id
@@ -363,7 +380,8 @@ class Trainer:
         b = to_device(batch, self.device)
         with autocast(self.device, cfg.precision):
             out = self.forward_model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"],
-                                     labels=b["target_ids"], task=batch["task"])
+                                     vis_attention_mask=b.get("vis_attention_mask"), labels=b["target_ids"],
+                                     task=batch["task"])
             loss = task_loss(out.logits, b["target_ids"], spec.loss_reduction,
                              b["scores"] if spec.weight_by_score else None)
         bad = broadcast_flag(not torch.isfinite(loss).item(), self.dist, self.device)
@@ -392,7 +410,8 @@ class Trainer:
                                        feat_dim=self.feat_dim, feature_dirname=cfg.feature_dirname,
                                        batch_sizes=self.eval_batch, device=self.device, precision=cfg.precision,
                                        limit=cfg.limit_eval, caption_metrics=cfg.caption_metrics,
-                                       progress=cfg.progress, desc=desc, skip_missing=True)
+                                       progress=cfg.progress, desc=desc, skip_missing=True,
+                                       mask_padded_frames=self.mask_padded_frames)
         self.model.train()
         self.last_predictions = preds
         return scores
@@ -434,11 +453,14 @@ class Trainer:
                 from ..model import VLModel
 
                 test = {"last": self.evaluate_split("test", desc="test(last) ")}
+                self._dump_video_predictions("last")
                 if self.best is not None and self.best["step"] == self.micro_step:
                     test["best"] = test["last"]  # the last epoch was the best one
+                    self._dump_video_predictions("best")
                 elif self.best is not None and (self.out / "adapter-best").exists():
                     best_model = VLModel.from_pretrained(self.out / "adapter-best", backbone=cfg.backbone).to(self.device)
                     test["best"] = self.evaluate_split("test", model=best_model, desc="test(best) ")
+                    self._dump_video_predictions("best")
                 result["test"] = test
                 lines = []
                 for which, scores in test.items():
@@ -466,6 +488,18 @@ class Trainer:
                 self.tb.close()
         barrier(self.dist)
         return result
+
+
+    def _dump_video_predictions(self, which: str) -> None:
+        """Video runs: the test predictions of adapter-<which> in VALUE's submission format, under
+        value-predictions-<which>/ (the official code dumps them for the last and the best model too)."""
+        if not self.video:
+            return
+        from ..data.video import value_prediction_filename, write_value_predictions
+
+        for task, result in (getattr(self, "last_predictions", None) or {}).items():
+            write_value_predictions(task, result, self.out / f"value-predictions-{which}" /
+                                    value_prediction_filename(task, "test"))
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -12,6 +12,19 @@ from ..errors import CheckpointError, ConfigError
 from .evaluate import evaluate_model, predict_task, table_row
 
 ALL_TASKS = ("vqa", "gqa", "nlvr", "caption")
+VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
+
+
+def _is_video_adapter(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / CONFIG_NAME).read_text()).get("visual", {}).get("video"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _mask_frames(run: dict, unmasked_frames: bool | None) -> bool:
+    """Video: mask zero-padded frames unless the run (or the caller) chose the official unmasked input."""
+    return not (unmasked_frames or run.get("mask_padded_frames") is False)
 
 
 def _resolve(checkpoint) -> tuple[dict, list[tuple[str, Path]]]:
@@ -54,11 +67,12 @@ def _device(device):
 
 def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbone=None, batch_size=100,
                         precision="fp32", feature_dirname=None, limit=None, device=None, output=None,
-                        progress=True) -> dict:
+                        progress=True, unmasked_frames=None, caption_metrics=None) -> dict:
     from ..data.tasks import canonical_task
 
     run, folders = _resolve(checkpoint)
-    tasks = tuple(canonical_task(t) for t in (tasks or run.get("tasks") or ALL_TASKS))
+    default = VIDEO_TASKS if _is_video_adapter(folders[0][1]) else ALL_TASKS
+    tasks = tuple(canonical_task(t) for t in (tasks or run.get("tasks") or default))
     feature_dirname = feature_dirname or run.get("feature_dirname", "data_clip_RN101_att")
     backbone = backbone or run.get("backbone")
     dev = _device(device)
@@ -69,8 +83,10 @@ def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbon
         scores, _ = evaluate_model(model, model.tokenizer, data_root, tasks, split, _specs(tasks, model, run),
                                    feat_dim=model.visual_config.feat_dim, feature_dirname=feature_dirname,
                                    batch_sizes={k: batch_size for k in tasks}, device=dev, precision=precision,
-                                   limit=limit, caption_metrics=tuple(run.get("caption_metrics", ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"))),
-                                   progress=progress, desc=f"{label} ", skip_missing=True)
+                                   limit=limit, caption_metrics=tuple(caption_metrics or run.get("caption_metrics",
+                                                                 ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"))),
+                                   progress=progress, desc=f"{label} ", skip_missing=True,
+                                   mask_padded_frames=_mask_frames(run, unmasked_frames))
         entry = {"adapter": str(folder), "method": model.method.name, "params_percent": 100 * t / n, "scores": scores}
         done = [k for k in tasks if k in scores]
         if done:
@@ -79,8 +95,18 @@ def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbon
             lines = lines or [header]
             lines.append(row)
         results[label] = entry
+    notes = [f"{label}: " + ", ".join(f"{t.upper()} {r['scores'][t]['single_ref/CIDEr']:.2f}" for t in ("tvc", "yc2c")
+                                      if "single_ref/CIDEr" in r["scores"].get(t, {}))
+             for label, r in results.items() if any("single_ref/CIDEr" in r["scores"].get(t, {}) for t in ("tvc", "yc2c"))]
+    if lines and notes:  # video captioning: say which CIDEr the table holds
+        lines += ["", "TVC / YC2C columns: CIDEr of one prediction per clip against all of the clip's descriptions "
+                      "(multi_ref/CIDEr). The official validation's single-reference CIDEr (single_ref/CIDEr): "
+                  + "; ".join(notes) + "."]
     if not any(r["scores"] for r in results.values()):
-        raise ConfigError(f"--data-root {data_root}: none of the tasks {', '.join(tasks)} has a {split!r} split there")
+        hint = (" with labels (VALUE's test files have none: use --split val, or `vlpet predict` for submission "
+                "files)") if any(t in VIDEO_TASKS for t in tasks) else ""
+        raise ConfigError(f"--data-root {data_root}: none of the tasks {', '.join(tasks)} has a {split!r} split "
+                          f"there{hint}")
     out = Path(output) if output else Path(checkpoint) / f"eval-{split}.json"
     atomic_write_json(out, {"split": split, "tasks": list(tasks), "results": results})
     atomic_write_bytes(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
@@ -90,7 +116,8 @@ def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbon
 
 
 def predict_checkpoint(checkpoint, data_root, task, output, split="test", backbone=None, batch_size=100,
-                       precision="fp32", feature_dirname=None, limit=None, device=None, progress=True) -> Path:
+                       precision="fp32", feature_dirname=None, limit=None, device=None, progress=True,
+                       unmasked_frames=None) -> Path:
     from ..data import TaskBatchLoader, build_dataset
     from ..data.tasks import canonical_task
 
@@ -102,11 +129,19 @@ def predict_checkpoint(checkpoint, data_root, task, output, split="test", backbo
     spec = _specs((task,), model, run)[task]
     ds = build_dataset(task, split, data_root, model.tokenizer, spec=spec, feat_dim=model.visual_config.feat_dim,
                        feature_dirname=feature_dirname or run.get("feature_dirname", "data_clip_RN101_att"),
-                       limit=limit)
+                       limit=limit, mask_padded_frames=_mask_frames(run, unmasked_frames))
     loader = TaskBatchLoader(ds, batch_size, shuffle=False, pad_id=model.tokenizer.pad_token_id, task=task)
     result = predict_task(model, loader, spec, model.tokenizer, dev, precision, progress=progress)
     preds = result["predictions"]
     out = Path(output)
+    if task in VIDEO_TASKS:  # VALUE's submission format; a folder gets VALUE's file name
+        from ..data.video import value_prediction_filename, write_value_predictions
+
+        if out.is_dir():
+            out = out / value_prediction_filename(task, split)
+        write_value_predictions(task, result, out)
+        print(f"{len(preds)} predictions -> {out}")
+        return out
     if task == "vqa":
         payload = [{"question_id": q, "answer": a} for q, a in preds.items()]
     elif task == "gqa":

@@ -1,0 +1,222 @@
+"""`vlpet demo`: the paper's experiment in miniature, offline, through the same code path as a real run.
+
+1. data     easy-VQA images -> VQA, a two-image true/false task (NLVR2-like) and captions (COCO-like),
+            written in the VL-Adapter layout (vlpet.demo.build_data)
+2. features real pretrained EfficientNet-Lite0 ImageNet weights -> [49, 1280] grid features (HDF5)
+3. PLM      a tiny BART-architecture model pretrained here on text with BART's denoising objective,
+            then FROZEN: it has never seen an image (vlpet.demo.pretrain)
+4. tuning   `vlpet train` with the chosen preset(s) on the three tasks, then test-set evaluation
+Everything is cached under $VLPET_CACHE (default ~/.cache/vlpet) and reused by later runs.
+
+The presets' module sizes are defined for 768-wide BART-base (r = 96 = 768/8); on the demo's smaller
+PLM they are scaled by d_model/768 (r = d/8 etc.) so that the Params % stay in the paper's range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+from ..checkpoint import atomic_write_json
+
+DEMO_TASKS = ("vqa", "nlvr", "caption")
+COMPARE_METHODS = ("full", "lora", "vl-adapter", "vl-pet-small", "vl-pet-middlex", "vl-pet-middley", "vl-pet-large")
+FEATURE_DIRNAME = "data_efficientnet-lite0_att"
+DATA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    n_train_images: int = 1000
+    n_val_images: int = 100
+    n_test_images: int = 400
+    pretrain_budget_s: float = 150.0
+    epochs: int = 6
+    batch_size: int = 32  # VQA batch; NLVR2 and captions scale as in the paper (x20/60, x50/60)
+    lr_scale: float = 3.0  # the tiny PLM and short budget take a larger step than BART-base's recipe
+    plm_model: dict | None = None
+    plm_train: dict | None = None
+    plm_max_steps: int | None = None
+    limit_eval: int | None = None
+
+
+QUICK = DemoSettings(n_train_images=24, n_val_images=8, n_test_images=12, pretrain_budget_s=5.0, epochs=3,
+                     batch_size=8, plm_model={"d_model": 64, "encoder_layers": 1, "decoder_layers": 1,
+                                              "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+                                              "encoder_ffn_dim": 128, "decoder_ffn_dim": 128},
+                     plm_train={"vocab_size": 600, "english_max_chars": 60_000, "batch_size": 8},
+                     plm_max_steps=30)
+
+
+def _say(msg: str) -> None:
+    print(f"[vlpet demo] {msg}", flush=True)
+
+
+def cache_root(cache: str | os.PathLike | None) -> Path:
+    return Path(cache or os.environ.get("VLPET_CACHE") or Path.home() / ".cache" / "vlpet")
+
+
+def prepare_data(root: Path, s: DemoSettings, seed: int) -> Path:
+    """Build (or reuse) the demo data set and its EfficientNet-Lite0 features; returns the data root."""
+    from ..features.extract import extract_features
+    from .build_data import build_demo_data
+
+    key = json.dumps({"v": DATA_VERSION, "n": [s.n_train_images, s.n_val_images, s.n_test_images], "seed": seed})
+    data_root = root / f"demo-data-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    done = data_root / ".complete"
+    if not done.exists():
+        _say(f"building the data set from easy-VQA in {data_root}")
+        tmp = data_root.with_name(data_root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_demo_data(tmp, s.n_train_images, s.n_test_images, seed, n_val_images=s.n_val_images)
+        shutil.rmtree(data_root, ignore_errors=True)
+        os.replace(tmp, data_root)
+        images = json.loads((data_root / "images.json").read_text())
+        feat_dir = data_root / "COCO" / "clip_features" / FEATURE_DIRNAME
+        _say(f"extracting EfficientNet-Lite0 grid features of {len(images)} images (real ImageNet weights)")
+        summary = extract_features(images, feat_dir, encoder="efficientnet-lite0")
+        _say(f"features: {summary.get('n_written', summary.get('written', '?'))} written at "
+             f"{summary.get('images_per_s', 0):.1f} images/s")
+        # The NLVR2-like task reads the same images: point its feature folder at COCO's.
+        nlvr_dir = data_root / "nlvr" / "clip_features"
+        nlvr_dir.mkdir(parents=True, exist_ok=True)
+        link = nlvr_dir / FEATURE_DIRNAME
+        if not link.exists():
+            os.symlink(os.path.relpath(feat_dir, nlvr_dir), link)
+        done.write_text(json.dumps({"features": summary}, default=str))
+    return data_root
+
+
+def scale_method(method, d_model: int, ref: int = 768):
+    """Scale a preset's module sizes from BART-base width to another d_model (r, r_g, LoRA r, prompt MLP)."""
+    f = d_model / ref
+
+    def r_of(r, heads=1):
+        return max(heads, int(round(r * f / heads)) * heads)
+
+    modules = []
+    for m in method.modules:
+        gate = dataclasses.replace(m.gate, r_g=r_of(m.gate.r_g))
+        modules.append(dataclasses.replace(m, r=r_of(m.r, m.n_heads), gate=gate))
+    changes = {"modules": tuple(modules)}
+    if method.lora is not None:
+        changes["lora"] = dataclasses.replace(method.lora, r=r_of(method.lora.r))
+    if method.prompt is not None:
+        changes["prompt"] = dataclasses.replace(method.prompt, mid_dim=r_of(method.prompt.mid_dim))
+    if method.hyperformer is not None:
+        changes["hyperformer"] = dataclasses.replace(method.hyperformer, r=r_of(method.hyperformer.r))
+    return dataclasses.replace(method, **changes)
+
+
+def train_one(method_name: str, plm: Path, data_root: Path, out: Path, s: DemoSettings, seed: int,
+              progress: bool) -> dict:
+    from transformers import AutoConfig
+
+    from ..presets import get_preset, train_defaults
+    from ..train.loop import TrainConfig, train
+
+    d_model = AutoConfig.from_pretrained(plm).d_model
+    method = scale_method(get_preset(method_name, "bart"), d_model)
+    overrides = {k: v for k, v in method.to_dict().items() if k in ("modules", "lora", "prompt", "hyperformer")}
+    lr = train_defaults(method_name, "bart").lr * s.lr_scale
+    cfg = TrainConfig(backbone=str(plm), method=method_name, data_root=str(data_root), output=str(out),
+                      tasks=DEMO_TASKS, epochs=s.epochs, batch_size=s.batch_size, lr=lr, seed=seed,
+                      feature_dirname=FEATURE_DIRNAME, caption_metrics=("BLEU-4", "ROUGE-L", "CIDEr"),
+                      limit_eval=s.limit_eval, method_overrides=overrides, overwrite=True, progress=progress,
+                      device="cpu" if not _cuda() else None)
+    return train(cfg)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def summarize(results: dict[str, dict]) -> tuple[list[dict], str]:
+    rows = []
+    for name, r in results.items():
+        test = r.get("test", {}).get("last", {})
+        row = {"method": name, "params_percent": round(r["params"]["percent"], 3),
+               "trainable": r["params"]["trainable"], "total": r["params"]["total"],
+               "vqa": test.get("vqa", {}).get("accuracy"), "nlvr": test.get("nlvr", {}).get("accuracy"),
+               "nlvr_consistency": test.get("nlvr", {}).get("consistency"),
+               "caption": test.get("caption", {}).get("CIDEr"), "caption_bleu4": test.get("caption", {}).get("BLEU-4"),
+               "train_seconds": round(r["train_seconds"], 1)}
+        vals = [row[t] for t in DEMO_TASKS if row[t] is not None]
+        row["avg"] = sum(vals) / len(vals) if vals else None
+        rows.append(row)
+    lines = ["| Method | Params % | easy-VQA acc | pair T/F acc | caption CIDEr | Avg | train time |",
+             "|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['params_percent']:.2f} | {fmt(r['vqa'])} | {fmt(r['nlvr'])} | "
+                     f"{fmt(r['caption'])} | {fmt(r['avg'])} | {r['train_seconds']:.0f} s |")
+    return rows, "\n".join(lines)
+
+
+def run_demo(output="vlpet-demo", method="vl-pet-large", compare=False, methods=None, seed=0, epochs=None,
+             quick=False, cache=None, progress=True) -> dict:
+    t_start = time.time()
+    s = QUICK if quick else DemoSettings()
+    if epochs:
+        s = dataclasses.replace(s, epochs=epochs)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    root = cache_root(cache)
+    root.mkdir(parents=True, exist_ok=True)
+    names = tuple(methods) if methods else (COMPARE_METHODS if compare else (method,))
+    from ..presets import get_preset
+
+    for n in names:
+        get_preset(n)  # unknown names fail before any work
+    _say(f"output {out.resolve()} | cache {root} | methods {', '.join(names)} | seed {seed}")
+    t0 = time.time()
+    data_root = prepare_data(root, s, seed)
+    t_data = time.time() - t0
+
+    from .pretrain import PLM_NOTE, pretrain_demo_plm
+
+    t0 = time.time()
+    _say("pretraining (or reusing) the demo PLM: " + PLM_NOTE)
+    plm = pretrain_demo_plm(root, budget_s=s.pretrain_budget_s, seed=seed, progress=progress,
+                            model_config=s.plm_model, train_config=s.plm_train, max_steps=s.plm_max_steps)
+    t_plm = time.time() - t0
+
+    results = {}
+    for n in names:
+        _say(f"tuning the frozen PLM with {n} on {', '.join(DEMO_TASKS)}")
+        results[n] = train_one(n, Path(plm), data_root, out / "runs" / n, s, seed, progress)
+    rows, table = summarize(results)
+    from ..train.plots import plot_score_vs_params
+
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    plot_score_vs_params(rows, plots / "score_vs_params.png", "avg")
+    for n in names:
+        for png in ("learning_curves.png", "gate_heatmap.png"):
+            src = out / "runs" / n / "plots" / png
+            if src.exists():
+                shutil.copy(src, plots / f"{n}-{png}")
+    summary = {
+        "note": PLM_NOTE, "tasks": list(DEMO_TASKS), "seed": seed, "quick": quick,
+        "settings": dataclasses.asdict(s), "plm": str(plm), "data_root": str(data_root),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "seconds": {"data_and_features": round(t_data, 1), "pretraining": round(t_plm, 1),
+                    "total": round(time.time() - t_start, 1)},
+        "methods": {r["method"]: r for r in rows},
+    }
+    atomic_write_json(out / "results.json", summary)
+    (out / "results.md").write_text(table + "\n")
+    print()
+    print(table)
+    print()
+    _say(PLM_NOTE)
+    _say(f"done in {summary['seconds']['total']:.0f} s; results in {out / 'results.json'}, plots in {plots}")
+    return summary
