@@ -213,12 +213,13 @@ class VLModel(nn.Module):
     def visual_tokens(self, vis_feats: torch.Tensor, vis_attention_mask=None, boxes=None):
         """[B, V, F] or [B, M, V, F] -> ([B, M·V', D] embeddings, [B, M·V'] mask)."""
         vc = self.visual_config
+        given = tuple(vis_feats.shape)  # name the tensor as the caller passed it in errors
         if vis_feats.dim() == 3:
             vis_feats = vis_feats.unsqueeze(1)
             if vis_attention_mask is not None:
                 vis_attention_mask = vis_attention_mask.unsqueeze(1)
         if vis_feats.dim() != 4 or vis_feats.shape[-1] != vc.feat_dim:
-            raise ShapeError(f"vis_feats has shape {tuple(vis_feats.shape)}; expected [B, V, {vc.feat_dim}] or "
+            raise ShapeError(f"vis_feats has shape {given}; expected [B, V, {vc.feat_dim}] or "
                              f"[B, M, V, {vc.feat_dim}] (feat_dim {vc.feat_dim} for this model)")
         b, m, v, f = vis_feats.shape
         if m > vc.n_images:
@@ -255,6 +256,9 @@ class VLModel(nn.Module):
             masks.insert(0, torch.ones(b, self.prompt.length, dtype=torch.long, device=input_ids.device))
             prompt_len = self.prompt.length
         if vis_feats is not None:
+            if vis_feats.dim() >= 1 and vis_feats.shape[0] != b:
+                raise ShapeError(f"vis_feats has shape {tuple(vis_feats.shape)}, batch size {vis_feats.shape[0]}; "
+                                 f"expected batch size {b} (that of input_ids {tuple(input_ids.shape)})")
             emb, vmask = self.visual_tokens(vis_feats, vis_attention_mask, boxes)
             parts.append(emb.to(parts[0].dtype))
             masks.append(vmask)

@@ -1,0 +1,181 @@
+"""Shared fixtures: tiny random BART and T5 backbones saved to a folder and loaded back through
+`VLModel.build(folder, ...)`, tiny method configs, batches and parameter perturbation.
+
+Everything is CPU, fp32 and small (d_model 32, 2 + 2 layers, vocabulary 120 (+200 VL rows)), so
+the whole core suite stays well under a minute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+# Never wait on the network: an unknown backbone name must fail fast (the error tests rely on it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+try:
+    import vlpet  # noqa: F401
+except ImportError:  # running from a checkout without an installed package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+TINY_D = 32
+TINY_VOCAB = 120
+FEAT_DIM = 16
+ARCHS = ("bart", "t5")
+PAD_ID = {"bart": 1, "t5": 0}
+
+
+def tiny_config(arch: str, **overrides):
+    """A tiny config of the given architecture; `overrides` change it (d_model, layer counts, ...)."""
+    from transformers import BartConfig, T5Config
+
+    d = overrides.pop("d_model", TINY_D)
+    layers = overrides.pop("layers", 2)
+    if arch == "bart":
+        kw = dict(vocab_size=TINY_VOCAB, d_model=d, encoder_layers=layers, decoder_layers=layers,
+                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * d,
+                  decoder_ffn_dim=2 * d, max_position_embeddings=128)
+        kw.update(overrides)
+        return BartConfig(**kw)
+    kw = dict(vocab_size=TINY_VOCAB, d_model=d, d_kv=d // 4, d_ff=2 * d, num_layers=layers,
+              num_decoder_layers=layers, num_heads=4, decoder_start_token_id=0)
+    kw.update(overrides)
+    return T5Config(**kw)
+
+
+def save_tiny_backbone(folder: Path, arch: str, seed: int = 0, **overrides) -> Path:
+    from transformers import BartForConditionalGeneration, T5ForConditionalGeneration
+
+    cls = BartForConditionalGeneration if arch == "bart" else T5ForConditionalGeneration
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = cls(tiny_config(arch, **overrides))
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_transformers():
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread_for_tiny_models(request):
+    """The core tests run d_model-32 models: intra-op threading only adds overhead there (about 20x
+    on a busy 2-core machine), so test_core_* modules run single-threaded; the setting is restored."""
+    if not request.module.__name__.rpartition(".")[2].startswith("test_core_"):
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def backbone_factory(tmp_path_factory):
+    """backbone_factory(arch, **overrides) -> folder of a saved tiny HF model (cached per arguments)."""
+    root = tmp_path_factory.mktemp("tiny_backbones")
+    cache: dict = {}
+
+    def make(arch: str, **overrides) -> Path:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            name = arch + "".join(f"_{k}{v}" for k, v in key[1])
+            cache[key] = save_tiny_backbone(root / name, arch, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def backbone_dirs(backbone_factory):
+    return {arch: backbone_factory(arch) for arch in ARCHS}
+
+
+def shrink(method, r: int | None = 16, r_g: int | None = 8, r_vpa: int | None = 8, gate: dict | None = None,
+           **spec_changes):
+    """A copy of a MethodConfig with small bottlenecks for the encoder modules (first ModuleSpec with
+    a sub-layer placement) and the VPA; `gate` / `spec_changes` override GateOptions / ModuleSpec fields."""
+    modules = []
+    for spec in method.modules:
+        if spec.mode == "parallel" and all(p.count(".") == 2 for p in spec.placements):  # projection VPA
+            modules.append(dataclasses.replace(spec, r=r_vpa) if r_vpa else spec)
+            continue
+        g = spec.gate
+        if r_g and g.kind != "none":
+            g = dataclasses.replace(g, r_g=r_g)
+        if gate:
+            g = dataclasses.replace(g, **gate)
+        changes = dict(gate=g, **spec_changes)
+        if r:
+            changes["r"] = r
+        modules.append(dataclasses.replace(spec, **changes))
+    return dataclasses.replace(method, modules=tuple(modules))
+
+
+@torch.no_grad()
+def perturb(model, scale: float = 0.2, seed: int = 1234, only_trainable: bool = True) -> None:
+    """Add seeded noise to the trainable tensors, so that zero-inits, LN identities and σ(0) = 0.5
+    cannot hide a wrong formula in a comparison."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if only_trainable and not p.requires_grad:
+            continue
+        p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+
+
+def make_batch(arch: str, batch: int = 2, length: int = 6, pads=(0, 2), images: int = 1, feat_dim: int = FEAT_DIM,
+               grid: int = 49, seed: int = 0):
+    """Random token ids with trailing padding per example (`pads[b]` pad tokens) and random grid features."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, TINY_VOCAB, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(batch):
+        n = pads[b] if b < len(pads) else 0
+        if n:
+            ids[b, length - n:] = PAD_ID[arch]
+            mask[b, length - n:] = 0
+    shape = (batch, grid, feat_dim) if images == 1 else (batch, images, grid, feat_dim)
+    feats = torch.randn(shape, generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "vis_feats": feats}
+
+
+@pytest.fixture(scope="session")
+def build(backbone_dirs):
+    """build(arch, method, feat_dim=16, perturbed=False, seed=0) -> VLModel in eval mode on the tiny backbone."""
+    from vlpet import VLModel
+
+    def _build(arch: str, method="vl-pet-small", *, feat_dim: int = FEAT_DIM, perturbed: bool = False,
+               seed: int = 0, folder: Path | None = None, **perturb_kw):
+        model = VLModel.build(str(folder or backbone_dirs[arch]), method, feat_dim=feat_dim, load_tok=False,
+                              seed=seed)
+        if perturbed:
+            perturb(model, **perturb_kw)
+        return model.eval()
+
+    return _build
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max |e| (a scale-aware relative error that tolerates exact zeros)."""
+    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
+    denom = expected.detach().abs().max().clamp_min(1e-12)
+    return float((actual.detach() - expected.detach()).abs().max() / denom)
