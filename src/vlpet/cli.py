@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature sub-folder under */clip_features/ (default data_clip_RN101_att)")
     p.add_argument("--unmasked-frames", dest="mask_padded_frames", action="store_false", default=None,
                    help="video: attend to the zero-padded frames as the official code does (default: masked)")
+    p.add_argument("--visual-pool", type=int, default=None,
+                   help="pool the 7x7 feature grid to NxN visual tokens (default 6, as the paper)")
     p.add_argument("--official-gqa-typo", action="store_true", default=None, help='use the official GQA prompt "gpa: "')
     p.add_argument("--official-ln-decay", action="store_true", default=None,
                    help="decay LayerNorm weights as the official optimizer does (spec §8.1.10)")
@@ -209,7 +211,7 @@ def cmd_presets(a) -> int:
 
 
 TRAIN_KEYS = ("backbone", "method", "data_root", "tasks", "output", "epochs", "batch_size", "max_steps", "lr", "seed",
-              "precision", "grad_accum", "feat_dim", "feature_dirname", "official_gqa_typo", "official_ln_decay",
+              "precision", "grad_accum", "feat_dim", "feature_dirname", "visual_pool", "official_gqa_typo", "official_ln_decay",
               "caption_no_repeat_ngram_size", "caption_metrics", "limit_train", "limit_eval", "save_every_steps",
               "eval_every_epoch", "eval_test", "num_workers", "device", "compile", "resume", "overwrite", "progress",
               "mask_padded_frames")

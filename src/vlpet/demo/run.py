@@ -36,9 +36,12 @@ class DemoSettings:
     n_train_images: int = 1000
     n_val_images: int = 100
     n_test_images: int = 400
+    nlvr_sets_per_image: float = 0.125  # ~1,000 training statements
     pretrain_budget_s: float = 150.0
-    epochs: int = 6
+    epochs: int = 20
+    max_steps: int | None = 700  # the tuning budget (optimizer steps), the same for every method
     batch_size: int = 32  # VQA batch; NLVR2 and captions scale as in the paper (x20/60, x50/60)
+    visual_pool: int = 3  # 7x7 grid -> 3x3 visual tokens (the paper's 6x6 costs 4x the CPU time)
     lr_scale: float = 3.0  # the tiny PLM and short budget take a larger step than BART-base's recipe
     plm_model: dict | None = None
     plm_train: dict | None = None
@@ -47,6 +50,7 @@ class DemoSettings:
 
 
 QUICK = DemoSettings(n_train_images=24, n_val_images=8, n_test_images=12, pretrain_budget_s=5.0, epochs=3,
+                     max_steps=None,
                      batch_size=8, plm_model={"d_model": 64, "encoder_layers": 1, "decoder_layers": 1,
                                               "encoder_attention_heads": 2, "decoder_attention_heads": 2,
                                               "encoder_ffn_dim": 128, "decoder_ffn_dim": 128},
@@ -67,14 +71,16 @@ def prepare_data(root: Path, s: DemoSettings, seed: int) -> Path:
     from ..features.extract import extract_features
     from .build_data import build_demo_data
 
-    key = json.dumps({"v": DATA_VERSION, "n": [s.n_train_images, s.n_val_images, s.n_test_images], "seed": seed})
+    key = json.dumps({"v": DATA_VERSION, "n": [s.n_train_images, s.n_val_images, s.n_test_images],
+                      "nlvr": s.nlvr_sets_per_image, "seed": seed})
     data_root = root / f"demo-data-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     done = data_root / ".complete"
     if not done.exists():
         _say(f"building the data set from easy-VQA in {data_root}")
         tmp = data_root.with_name(data_root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        build_demo_data(tmp, s.n_train_images, s.n_test_images, seed, n_val_images=s.n_val_images)
+        build_demo_data(tmp, s.n_train_images, s.n_test_images, seed, n_val_images=s.n_val_images,
+                        nlvr_sets_per_image=s.nlvr_sets_per_image)
         shutil.rmtree(data_root, ignore_errors=True)
         os.replace(tmp, data_root)
         images = json.loads((data_root / "images.json").read_text())
@@ -126,7 +132,8 @@ def train_one(method_name: str, plm: Path, data_root: Path, out: Path, s: DemoSe
     overrides = {k: v for k, v in method.to_dict().items() if k in ("modules", "lora", "prompt", "hyperformer")}
     lr = train_defaults(method_name, "bart").lr * s.lr_scale
     cfg = TrainConfig(backbone=str(plm), method=method_name, data_root=str(data_root), output=str(out),
-                      tasks=DEMO_TASKS, epochs=s.epochs, batch_size=s.batch_size, lr=lr, seed=seed,
+                      tasks=DEMO_TASKS, epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size, lr=lr,
+                      seed=seed, visual_pool=s.visual_pool,
                       feature_dirname=FEATURE_DIRNAME, caption_metrics=("BLEU-4", "ROUGE-L", "CIDEr"),
                       limit_eval=s.limit_eval, method_overrides=overrides, overwrite=True, progress=progress,
                       device="cpu" if not _cuda() else None)

@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write_json, load_tensors, load_trainable, save_adapter
-from ..errors import ConfigError, TrainingError
-from .distributed import DistInfo, barrier, broadcast_flag, init_distributed
+from ..checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, load_trainable, save_adapter
+from ..errors import CheckpointError, ConfigError, TrainingError
+from .distributed import (DistInfo, all_reduce_sum, barrier, init_distributed, needs_unused_parameter_search,
+                          shutdown_distributed)
 from .evaluate import autocast, collect_gates, evaluate_model, table_row, to_device
-from .losses import task_loss
+from .losses import task_loss_terms
 from .optim import build_optimizer, build_scheduler
 
 STATE_NAME = "trainer_state.pt"
@@ -54,7 +55,8 @@ class TrainConfig:
     output: str
     tasks: tuple[str, ...] = IMAGE_TASKS
     epochs: int | None = None  # None: the preset's (20)
-    batch_size: int | None = None  # VQA batch (video: every task's); None: the preset's (500 BART, 300 T5; video 50)
+    batch_size: int | None = None  # VQA batch per process (video: every task's); None: the preset's (500 BART,
+    # 300 T5; video 50). The global batch is W x it (torchrun); see Trainer._build
     lr: float | None = None
     seed: int = 42
     precision: str = "fp32"
@@ -66,6 +68,7 @@ class TrainConfig:
     official_ln_decay: bool = False
     feat_dim: int | None = None  # None: read from the data (2048 for CLIP RN101)
     feature_dirname: str = "data_clip_RN101_att"
+    visual_pool: int = 6  # 7x7 grid -> 6x6 = 36 visual tokens (spec §3.1); the CPU demo uses 3 (9 tokens)
     mask_padded_frames: bool | None = None  # video: None/True masks zero-padded frames; False = official (attended)
     official_gqa_typo: bool = False
     caption_no_repeat_ngram_size: int = 0
@@ -145,14 +148,21 @@ class Trainer:
 
     # -- set-up --------------------------------------------------------------------------------
     def _prepare_output(self) -> None:
+        """Refuse an --output that holds another run (unless --resume / --overwrite); writes nothing."""
         cfg_path = self.out / "run_config.json"
         mine = self._config_record()
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--output {self.out}: exists and is not a folder")
         if cfg_path.exists():
             if self.cfg.overwrite:
-                if self.dist.is_main:
-                    shutil.rmtree(self.out)
+                pass  # deleted by _write_output once the data and the model are known to be fine
             elif self.cfg.resume:
-                theirs = json.loads(cfg_path.read_text())
+                try:
+                    theirs = json.loads(cfg_path.read_text())
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise ConfigError(f"{cfg_path}: not a readable run config ({exc})") from exc
+                if not isinstance(theirs, dict):
+                    raise ConfigError(f"{cfg_path}: expected a JSON object of settings, got {type(theirs).__name__}")
                 diff = sorted(k for k in set(mine) | set(theirs)
                               if k not in RESUMABLE_CHANGES and mine.get(k) != theirs.get(k))
                 if diff:
@@ -166,15 +176,24 @@ class Trainer:
         elif self.out.exists() and any(self.out.iterdir()) and not self.cfg.overwrite:
             raise ConfigError(f"{self.out} is not empty and holds no vlpet run; choose another --output "
                               f"or pass --overwrite")
+
+    def _write_output(self) -> None:
+        """Create the run folder (replacing the old run with --overwrite) once set-up has succeeded."""
+        cfg_path = self.out / "run_config.json"
         barrier(self.dist)
         if self.dist.is_main:
+            if self.cfg.overwrite and cfg_path.exists():
+                shutil.rmtree(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(cfg_path, mine)
+            atomic_write_json(cfg_path, self._config_record())
+        barrier(self.dist)
 
     def _config_record(self) -> dict:
         rec = dataclasses.asdict(self.cfg)
         rec["tasks"] = list(rec["tasks"])
         rec["caption_metrics"] = list(rec["caption_metrics"])
+        if self.dist.enabled:  # --batch-size is per process: the global batch depends on the world size
+            rec["world_size"] = self.dist.world_size
         return rec
 
     def _build(self) -> None:
@@ -214,14 +233,24 @@ class Trainer:
         self.specs = {t: get_task_spec(t, use_prompts=method.task_prompts, official_gqa_typo=cfg.official_gqa_typo,
                                        caption_no_repeat_ngram_size=cfg.caption_no_repeat_ngram_size)
                       for t in self.tasks}
-        # video: one batch size for all four tasks (spec §4.2)
-        sizes = {t: vqa_bs for t in self.tasks} if self.video else task_batch_sizes(vqa_bs)
+        # video: one batch size for all four tasks (spec §4.2). `--batch-size` is per process; the loaders
+        # hold the global batches (W x it, the other tasks scaled from the global VQA batch) and each rank
+        # takes its contiguous part of every global batch (vlpet.data.sampler), so W processes with
+        # --batch-size B/W train on exactly the batches of one process with --batch-size B.
+        world = self.dist.world_size
+        sizes = {t: vqa_bs * world for t in self.tasks} if self.video else task_batch_sizes(vqa_bs * world)
+        per_process = {t: vqa_bs for t in self.tasks} if self.video else task_batch_sizes(vqa_bs)
         train_sets = {t: build_dataset(t, "train", cfg.data_root, self.tokenizer, spec=self.specs[t], seed=cfg.seed,
                                        feat_dim=cfg.feat_dim, feature_dirname=cfg.feature_dirname,
-                                       limit=cfg.limit_train, mask_padded_frames=self.mask_padded_frames)
+                                       limit=cfg.limit_train, mask_padded_frames=self.mask_padded_frames,
+                                       check_features=True)  # every feature file exists, before anything is written
                       for t in self.tasks}
         feat_dim = cfg.feat_dim or self._probe_feat_dim(train_sets)
-        self.model = VLModel(base, method, VisualConfig.for_task(self.video, feat_dim), backbone_name=cfg.backbone,
+        self._probe_examples(train_sets, feat_dim)
+        visual = VisualConfig.for_task(self.video, feat_dim)
+        if not self.video:
+            visual = dataclasses.replace(visual, pool_side=cfg.visual_pool)
+        self.model = VLModel(base, method, visual, backbone_name=cfg.backbone,
                              tokenizer=self.tokenizer, seed=cfg.seed).to(self.device)
         self.feat_dim = feat_dim
         pad = self.tokenizer.pad_token_id
@@ -230,7 +259,8 @@ class Trainer:
         self.train_loader = MultitaskLoader(self.loaders, seed=cfg.seed, world_size=self.dist.world_size,
                                             rank=self.dist.rank, num_workers=cfg.num_workers,
                                             pin_memory=self.device.type == "cuda")
-        self.eval_batch = sizes
+        self.eval_batch = per_process  # evaluation runs on rank 0 alone, with the per-process sizes
+        self.global_batch = sizes
         steps_per_epoch = len(self.train_loader)
         total_micro = steps_per_epoch * self.epochs
         if cfg.max_steps:
@@ -243,7 +273,10 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.forward_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # The training step calls this wrapper, so DDP all-reduces the gradients (the official loop called
+            # model.module.train_step, which bypasses DDP and never synchronises, spec §8.4).
+            self.forward_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                     find_unused_parameters=needs_unused_parameter_search(self.model))
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
         t, n = self.model.parameter_counts()
@@ -255,24 +288,51 @@ class Trainer:
         ex = ds.get_example(0, epoch=0) if hasattr(ds, "get_example") else ds[0]
         return int(np.shape(ex["vis_feats"])[-1])
 
+    @staticmethod
+    def _probe_examples(train_sets, feat_dim: int) -> None:
+        """Read the first example of every task now, so that unreadable features or a feature size that
+        differs from --feat-dim / between tasks stop the run before its folder is written."""
+        from ..data import DataError
+
+        for task, ds in train_sets.items():
+            ex = ds.get_example(0, epoch=0) if hasattr(ds, "get_example") else ds[0]
+            got = int(np.shape(ex["vis_feats"])[-1])
+            if got != feat_dim:
+                raise DataError(f"{task} train features", f"feature dim {feat_dim} (--feat-dim or the first task's)",
+                                got=f"{got}")
+
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Write checkpoint/ atomically: everything goes to .checkpoint.tmp/, then two renames. A kill at
+        any moment leaves a complete checkpoint/ or (between the renames) a complete .checkpoint.old/."""
         if not self.dist.is_main:
             return
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:  # never replace the last good checkpoint by a diverged one
+            raise TrainingError(f"parameters became non-finite (e.g. {bad[0]}) after step {self.micro_step}; "
+                                f"stopped — the last good checkpoint in {self.out / 'checkpoint'} is kept (try a "
+                                f"lower --lr or --precision fp32)")
         tmp = self.out / ".checkpoint.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         save_adapter(self.model, tmp)
+        # gradients accumulated so far (only mid-accumulation; None right after an optimizer step)
+        grads = {n: p.grad.detach().cpu() for n, p in self.model.named_parameters()
+                 if p.requires_grad and p.grad is not None}
         state = {
-            "global_step": self.global_step, "micro_step": self.micro_step,
+            "global_step": self.global_step, "micro_step": self.micro_step, "method": self.model.method.name,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": _rng_state(), "data": self.train_loader.state_dict(),
             "history": json.dumps(self.history), "best": json.dumps(getattr(self, "best", None)),
+            "running": json.dumps(getattr(self, "running", {})), "grads": grads,
         }
         torch.save(state, tmp / STATE_NAME)
         final, old = self.out / "checkpoint", self.out / ".checkpoint.old"
         if old.exists():
-            shutil.rmtree(old)
+            if final.exists():
+                shutil.rmtree(old)
+            else:  # an earlier kill fell between the two renames: old is the newest complete checkpoint
+                os.replace(old, final)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)  # a kill before this line leaves .checkpoint.old, which resume also reads
@@ -290,16 +350,44 @@ class Trainer:
         path = self._latest_checkpoint()
         if path is None:
             return False
+        from ..checkpoint import read_adapter_config
+
+        mine = self.model.method.name
+        theirs = read_adapter_config(path).get("method", {}).get("name")
+        if theirs != mine:
+            raise CheckpointError(f"{path}: the checkpoint holds an adapter of method {theirs!r}, this run trains "
+                                  f"{mine!r}; resume it with --method {theirs}, or start a new run in another "
+                                  f"--output (or pass --overwrite)")
+        try:  # weights_only: tensors and plain containers only, a pickled object is refused, never executed
+            state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError (a refused object), RuntimeError / EOFError (not a torch file)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise CheckpointError(f"{path / STATE_NAME}: refused or unreadable with weights-only loading "
+                                  f"({type(exc).__name__}: {first}); delete {path} to restart from an "
+                                  f"earlier state") from exc
+        if not isinstance(state, dict) or state.get("method", mine) != mine:
+            raise CheckpointError(f"{path / STATE_NAME}: a training state of method "
+                                  f"{state.get('method') if isinstance(state, dict) else None!r}, this run trains "
+                                  f"{mine!r}")
         load_trainable(self.model, load_tensors(path / "adapter_model.safetensors"), source=str(path))
-        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.train_loader.load_state_dict(state["data"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.train_loader.load_state_dict(state["data"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path / STATE_NAME}: does not fit this run ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
         self.global_step, self.micro_step = state["global_step"], state["micro_step"]
         self.history = json.loads(state["history"])
         self.best = json.loads(state["best"])
+        self.running = json.loads(state.get("running", "{}"))
+        params = dict(self.model.named_parameters())
+        for n, g in state.get("grads", {}).items():  # a checkpoint taken mid gradient-accumulation
+            params[n].grad = g.to(device=params[n].device, dtype=params[n].dtype)
         _set_rng_state(state["rng"])
+        if self.dist.is_main:  # drop log lines of steps after the checkpoint (they are redone)
+            atomic_write_bytes(self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history).encode())
         return True
 
     # -- logging --------------------------------------------------------------------------------
@@ -328,9 +416,10 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
-        self._prepare_output()
+        self._prepare_output()  # checks only: nothing is written before the data and model are built
         self._build()
-        self.best = None
+        self._write_output()
+        self.best, self.running = None, {}
         resumed = self.load_checkpoint() if cfg.resume else False
         self._open_tensorboard()
         if self.dist.is_main:
@@ -343,7 +432,7 @@ class Trainer:
         bar = tqdm(total=self.total_micro_steps, initial=self.micro_step, disable=not (cfg.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True)
         t0, seen = time.time(), 0
-        running: dict[str, list[float]] = {}
+        running: dict[str, list[float]] = self.running  # losses since the last log line (kept in checkpoints)
         done = self.micro_step >= self.total_micro_steps
         while not done and self.train_loader.epoch < self.epochs:
             model.train()
@@ -351,7 +440,7 @@ class Trainer:
             for batch in self.train_loader:
                 loss = self._train_micro_step(batch)
                 running.setdefault(batch["task"], []).append(loss)
-                seen += batch["input_ids"].shape[0]
+                seen += self.step_examples  # over all ranks
                 bar.update(1)
                 if self.micro_step % cfg.grad_accum == 0 and self.global_step % max(cfg.log_every, 1) == 0:
                     rate = seen / max(time.time() - t0, 1e-9)
@@ -359,11 +448,12 @@ class Trainer:
                            "samples_per_s": rate}
                     for task, vals in running.items():
                         rec[f"loss/{task}"] = float(np.mean(vals))
-                    running = {}
+                    running.clear()
                     self._log(rec)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", sps=f"{rate:.0f}")
-                if cfg.save_every_steps and self.micro_step % cfg.save_every_steps == 0:
-                    self.save_checkpoint()
+                end_of_epoch = self.train_loader.sampler.position == len(self.train_loader)
+                if cfg.save_every_steps and self.micro_step % cfg.save_every_steps == 0 and not end_of_epoch:
+                    self.save_checkpoint()  # at the end of an epoch the checkpoint follows validation (below)
                 if self.micro_step >= self.total_micro_steps:
                     done = True
                     break
@@ -378,17 +468,28 @@ class Trainer:
         cfg = self.cfg
         spec = self.specs[batch["task"]]
         b = to_device(batch, self.device)
+        weight = b.get("example_weight")  # only on a zero-weight padding shard (vlpet.data.sampler)
         with autocast(self.device, cfg.precision):
             out = self.forward_model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"],
                                      vis_attention_mask=b.get("vis_attention_mask"), labels=b["target_ids"],
                                      task=batch["task"])
-            loss = task_loss(out.logits, b["target_ids"], spec.loss_reduction,
-                             b["scores"] if spec.weight_by_score else None)
-        bad = broadcast_flag(not torch.isfinite(loss).item(), self.dist, self.device)
-        if bad:
-            raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.micro_step + 1}, epoch "
+            total, count = task_loss_terms(out.logits, b["target_ids"], spec.loss_reduction,
+                                           b["scores"] if spec.weight_by_score else None, weight)
+        # One all-reduce per step: the loss sum, its count (samples, or target tokens for captions) and the
+        # number of examples over all ranks. Each rank back-propagates its sum over the *global* count, times W
+        # (DDP averages gradients over the W ranks), so the gradient is that of the whole global batch -- the
+        # single-process gradient -- for either reduction and any shard sizes.
+        n = float(b["input_ids"].shape[0]) if weight is None else float(weight.sum())
+        stats = torch.stack([total.detach().float(), count.detach().float().to(total.device),
+                             torch.tensor(n, device=total.device)])
+        g_total, g_count, g_n = all_reduce_sum(stats, self.dist).tolist()
+        value = g_total / max(g_count, 1.0)  # the loss of the global batch, the same on every rank
+        if not math.isfinite(value):  # every rank sees the global sum, so all ranks stop together
+            raise TrainingError(f"non-finite loss ({value}) at step {self.micro_step + 1}, epoch "
                                 f"{batch['epoch']}, task {batch['task']}; stopped — the last good checkpoint "
                                 f"in {self.out / 'checkpoint'} is kept (try a lower --lr or --precision fp32)")
+        self.step_examples = int(round(g_n))
+        loss = total * (self.dist.world_size / max(g_count, 1.0))
         self.scaler.scale(loss / cfg.grad_accum).backward()
         self.micro_step += 1
         if self.micro_step % cfg.grad_accum == 0 or self.micro_step >= self.total_micro_steps:
@@ -400,7 +501,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.global_step += 1
-        return float(loss.detach())
+        return value
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate_split(self, split: str, model=None, desc: str = "") -> dict[str, dict[str, float]]:
@@ -476,7 +577,8 @@ class Trainer:
             try:
                 from .plots import plot_run
 
-                gates = collect_gates(self.model, {t: l.get_batch(0, 0) for t, l in self.loaders.items()},
+                gates = collect_gates(self.model, {t: l.get_batch(0, 0, 0, self.dist.world_size)
+                                                   for t, l in self.loaders.items()},
                                       self.device, cfg.precision)
                 if gates:
                     result["gates"] = {k: float(v) for k, v in gates.items()}
@@ -514,4 +616,8 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    return Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        shutdown_distributed(trainer.dist)
