@@ -282,7 +282,14 @@ class VLModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, vis_feats=None, vis_attention_mask=None, boxes=None,
                 labels=None, decoder_input_ids=None, decoder_attention_mask=None, task: str | None = None,
-                **kwargs):
+                return_loss: bool = True, **kwargs):
+        """`labels` give the teacher-forced decoder input (shifted right) and, with `return_loss`, transformers'
+        token-mean loss. Trainers that compute their own task loss pass `return_loss=False` to skip that
+        second cross-entropy over the vocabulary."""
+        if labels is not None and not return_loss:
+            if decoder_input_ids is None:
+                decoder_input_ids = self.backbone.prepare_decoder_input_ids_from_labels(labels=labels)
+            labels = None
         with self.task_context(task):
             enc, mask = self.encode(input_ids, attention_mask, vis_feats, vis_attention_mask, boxes)
             return self.backbone(encoder_outputs=enc, attention_mask=mask, labels=labels,

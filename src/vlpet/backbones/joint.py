@@ -21,6 +21,7 @@ class JointContext:
     prompt_len: int = 0
     text_len: int | None = None  # None: no VL call in progress, wrappers pass through
     mask: torch.Tensor | None = None  # [B, N] joint attention mask (for the masked-mean option)
+    task: str | None = None  # the batch's task (HyperFormer's task embedding)
 
     @property
     def active(self) -> bool:
