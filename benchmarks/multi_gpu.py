@@ -93,8 +93,10 @@ def parse_args(argv=None):
         a.nproc = torch.cuda.device_count() if a.device == "cuda" else 2
     if a.num_workers is None:
         a.num_workers = 0 if tiny else min(16, max(2, ((os.cpu_count() or 8) - a.nproc) // max(a.nproc, 1)))
-    if a.nproc < 2:
-        p.error(f"--nproc must be >= 2 (got {a.nproc}; {'no' if a.nproc == 0 else 'one'} GPU visible?)")
+    if a.nproc < 1:
+        p.error(f"--nproc must be >= 1 (got {a.nproc}; no GPU visible?)")
+    if a.nproc == 1:  # a single run (a sanity check on a one-GPU machine): nothing to compare
+        a.no_single = True
     if a.global_batch % a.nproc:
         p.error(f"--global-batch {a.global_batch} is not a multiple of --nproc {a.nproc}")
     if a.warmup_steps >= a.steps:
@@ -339,7 +341,8 @@ def plot(one: dict | None, many: dict, path: Path) -> None:
             if run is None or "loss_per_step" not in run:
                 continue
             pts = [(int(s), v) for s, (t, v) in run["loss_per_step"].items() if t == task]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{run['nproc']} GPU(s)")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="." if len(pts) < 60 else None,
+                    label=f"{run['nproc']} process(es)")
         ax.set_title(task)
         ax.set_xlabel("step")
     axes[0].set_ylabel("loss")

@@ -371,25 +371,83 @@ def test_sampler_resume_mid_epoch():
         MultitaskSampler({**COUNTS, "vqa": 8}, seed=9).load_state_dict(state)
 
 
-@pytest.mark.parametrize("counts", [COUNTS, {"vqa": 8, "gqa": 6, "nlvr": 2, "caption": 4}])
-def test_sampler_world_size_shards(counts):
-    ranks = [MultitaskSampler(counts, seed=3, world_size=2, rank=r) for r in range(2)]
-    seqs = [_seq(r) for r in ranks]
-    assert len(seqs[0]) == len(seqs[1])
-    assert [t for t, _ in seqs[0]] == [t for t, _ in seqs[1]]  # same task at every step
-    for t, n in counts.items():
-        got = [i for seq in seqs for tt, i in seq if tt == t]
-        assert set(got) == set(range(n))  # covers every batch
-        padded = -(-n // 2) * 2 - n
-        assert len(got) - len(set(got)) == padded  # disjoint up to the DistributedSampler-style pad
-        r0 = {i for tt, i in seqs[0] if tt == t}
-        r1 = {i for tt, i in seqs[1] if tt == t}
-        if n % 2 == 0:
-            assert not r0 & r1
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sampler_world_size_same_schedule(world_size):
+    """Several processes run the single-process schedule: the same task and global batch at every
+    step on every rank, each step labelled with the rank's shard; resuming may change the world size."""
+    single = [(s.task, s.batch_index) for s in MultitaskSampler(COUNTS, seed=3)]
+    for r in range(world_size):
+        steps = list(MultitaskSampler(COUNTS, seed=3, world_size=world_size, rank=r))
+        assert [(s.task, s.batch_index) for s in steps] == single
+        assert {(s.shard, s.num_shards) for s in steps} == {(r, world_size)}
+    s = MultitaskSampler(COUNTS, seed=3, world_size=world_size, rank=0)
+    next(iter(s))
+    one = MultitaskSampler(COUNTS, seed=3)
+    one.load_state_dict(s.state_dict())
+    assert (one.epoch, one.position) == (0, 1)
 
 
-def _loaders(fx, tokenizer, seed):
-    sizes = {"vqa": 2, "gqa": 5, "nlvr": 4, "caption": 16}
+class _Ids(torch.utils.data.Dataset):
+    task = "vqa"
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, j):
+        return j
+
+
+@pytest.mark.parametrize("n,batch,world_size", [(10, 4, 2), (11, 6, 4), (7, 3, 4), (5, 5, 1)])
+def test_shards_partition_the_single_process_batch(n, batch, world_size):
+    """Rank r's part of global batch k is the r-th of W contiguous near-equal parts (np.array_split):
+    concatenated over the ranks it is the single-process batch k, in order. A part left empty (a
+    batch smaller than W) is the batch's first example with example_weight 0."""
+    loader = TaskBatchLoader(_Ids(n), batch, seed=5, collate_fn=lambda xs: {"ids": list(xs)})
+    for epoch in (0, 1):
+        for k in range(loader.num_batches):
+            full = loader.batch_indices(epoch, k)
+            parts = [loader.shard_indices(epoch, k, r, world_size) for r in range(world_size)]
+            assert sum(parts, []) == full
+            assert parts == [list(map(int, a)) for a in np.array_split(full, world_size)]
+            for r, part in enumerate(parts):
+                got = loader.get_batch(epoch, k, r, world_size)
+                if part:
+                    assert got == {"ids": part}  # no example_weight key: all weights 1
+                else:
+                    assert got["ids"] == full[:1] and got["example_weight"].tolist() == [0.0]
+    with pytest.raises(ValueError):
+        loader.shard_indices(0, 0, world_size, world_size)
+
+
+def test_multitask_loader_shards_union_equals_single_process(fx, tokenizer):
+    """Two ranks with per-task global batches B see, step by step, exactly the examples of one
+    process with batches B: same task, and the union of their shards is the single-process batch."""
+    sizes = {"vqa": 5, "gqa": 5, "nlvr": 4, "caption": 16}  # VQA: 6 examples -> batches of 5 and 1
+    single = MultitaskLoader(_loaders(fx, tokenizer, seed=1, sizes=sizes), seed=1)
+    ranks = [MultitaskLoader(_loaders(fx, tokenizer, seed=1, sizes=sizes), seed=1, world_size=2, rank=r)
+             for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single)
+    n_padded = 0
+    for one, b0, b1 in zip(single, *ranks):
+        assert one["task"] == b0["task"] == b1["task"] and one["step"] == b0["step"] == b1["step"]
+        real = [b for b in (b0, b1) if "example_weight" not in b]
+        for b in (b0, b1):
+            if "example_weight" in b:  # a one-example global batch: rank 1 runs a zero-weight copy
+                n_padded += 1
+                assert b is b1 and b["example_weight"].tolist() == [0.0]
+                assert b["question_ids"] == one["question_ids"][:1]
+        assert sum((list(map(str, b["question_ids"])) for b in real), []) == list(map(str, one["question_ids"]))
+        assert torch.equal(torch.cat([b["vis_feats"] for b in real]), one["vis_feats"])
+    loaders = _loaders(fx, tokenizer, seed=1, sizes=sizes)
+    assert n_padded == sum(len(l.batch_indices(0, k)) == 1 for l in loaders.values() for k in range(len(l))) == 1
+    assert ranks[0].epoch == 1
+
+
+def _loaders(fx, tokenizer, seed, sizes=None):
+    sizes = sizes or {"vqa": 2, "gqa": 5, "nlvr": 4, "caption": 16}
     return {
         t: TaskBatchLoader(build_dataset(t, "train", fx.root, tokenizer, seed=seed), sizes[t], seed=seed)
         for t in sizes

@@ -20,6 +20,16 @@ import sys
 from pathlib import Path
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _tasks(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -66,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's (20)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="VQA batch per process; other tasks scale as in the paper (default: 500 BART, 300 T5); "
-                        "video: the batch of every task (default 50 BART)")
+                        "video: the batch of every task (default 50 BART). Under torchrun with N processes the "
+                        "global batch is N x this, split among the processes: N processes with B/N train on the "
+                        "batches of one process with B")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--lr", type=float, default=None, help="default: the preset's")
     p.add_argument("--seed", type=int, default=None, help="default 42; fixes init, dropout, answer sampling, "
@@ -109,10 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="test (default), val, or a file split such as karpathy_test")
     p.add_argument("--tasks", type=_tasks, default=None, help="default: the run's tasks")
     p.add_argument("--backbone", default=None, help="override the backbone stored in the adapter folder")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=_positive_int, default=100)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--feature-dirname", default=None)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=_positive_int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--output", default=None, help="results JSON (default: <checkpoint>/eval-<split>.json)")
     p.add_argument("--unmasked-frames", action="store_true", default=None,
@@ -130,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unmasked-frames", action="store_true", default=None,
                    help="video: attend to padded frames (default: as the run was trained)")
     p.add_argument("--backbone", default=None)
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=_positive_int, default=100)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--feature-dirname", default=None)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=_positive_int, default=None)
     p.add_argument("--device", default=None)
 
     # features

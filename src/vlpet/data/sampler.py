@@ -11,11 +11,21 @@
 * :class:`MultitaskLoader` ties them together and yields collated batches; it can prefetch with
   DataLoader workers and still resume exactly, because each batch carries its ``step``.
 
-Several processes: with ``world_size`` W, a task with n global batches contributes ceil(n / W)
-steps; at its k-th step, rank r takes global batch k*W + r. All ranks therefore see the same task
-at every step and disjoint batches. If n is not a multiple of W, the ranks past the end of the
-last step wrap around to the epoch's first batches (as ``DistributedSampler`` pads); this repeats at
-most W - 1 batches of that task per epoch. Batch sizes are per process, as in the official code.
+Several processes (``world_size`` W, ``rank`` r): the schedule is that of one process, the same on
+every rank, and every global batch is split among the ranks. The loaders hold the *global* batch
+size B of each task; at every step all ranks take the same task and the same global batch k, and
+rank r keeps the r-th of W contiguous parts of it (``np.array_split`` of its example list: sizes
+differ by at most one, the first B mod W parts are one longer). The union over the ranks is
+therefore exactly the batch a single process with batch size B takes at that step, in the same
+epoch order, and the number of steps per epoch does not depend on W. When a (last) global batch
+has fewer than W examples, the ranks left without one get a copy of its first example with
+``example_weight`` 0 (every other batch carries no ``example_weight``: all weights are 1), so that
+every rank still runs the step; the trainer weights each rank's loss by the global example (token)
+count so the all-reduced gradient equals the single-process one (vlpet.train.loop). Each shard is
+padded to its own longest sequence, which changes nothing for the methods whose output for an example
+ignores padding; the official small-granularity gate (an unmasked mean over all positions: vl-pet-small
+and the G-small rows) reads the padding, so it agrees only approximately (``masked_mean`` makes it
+exact), as it would for any change of batch composition. Dropout masks are not those of one process.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import zlib
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import collate
@@ -40,9 +51,10 @@ __all__ = [
 
 
 def task_batch_sizes(vqa_batch: int) -> dict[str, int]:
-    """Per-process batch sizes of the four tasks from the VQA batch (spec §4.2): GQA
-    int(bs*100/60), NLVR2 int(bs*20/60), COCO int(bs*50/60). 500 -> 833/166/416, 300 -> 500/100/250.
-    Sizes are at least 1 (the official code would build a zero-size batch for bs < 3)."""
+    """Batch sizes of the four tasks from the VQA batch (spec §4.2): GQA int(bs*100/60), NLVR2
+    int(bs*20/60), COCO int(bs*50/60). 500 -> 833/166/416, 300 -> 500/100/250. Sizes are at least 1
+    (the official code would build a zero-size batch for bs < 3). The trainer passes the global VQA
+    batch (W x the per-process ``--batch-size``), so W processes run the batches of one."""
     bs = int(vqa_batch)
     if bs < 1:
         raise ValueError(f"VQA batch size must be >= 1, got {vqa_batch}")
@@ -118,15 +130,35 @@ class TaskBatchLoader:
         order = self.epoch_order(epoch)
         return [int(j) for j in order[i * self.batch_size : (i + 1) * self.batch_size]]
 
-    def get_batch(self, epoch: int, i: int) -> dict[str, Any]:
-        """The collated batch ``i`` of epoch ``epoch`` (per-example randomness keyed by epoch)."""
-        ds = self.dataset
+    def shard_indices(self, epoch: int, i: int, shard: int = 0, num_shards: int = 1) -> list[int]:
+        """Part ``shard`` of ``num_shards`` contiguous, near-equal parts of batch ``i`` (possibly
+        empty when the batch has fewer than ``num_shards`` examples)."""
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"need 0 <= shard < num_shards, got shard={shard}, num_shards={num_shards}")
         idx = self.batch_indices(epoch, i)
+        if num_shards == 1:
+            return idx
+        n, k = len(idx), num_shards
+        start = shard * (n // k) + min(shard, n % k)  # np.array_split's boundaries
+        return idx[start : start + n // k + (1 if shard < n % k else 0)]
+
+    def get_batch(self, epoch: int, i: int, shard: int = 0, num_shards: int = 1) -> dict[str, Any]:
+        """The collated batch ``i`` of epoch ``epoch`` (per-example randomness keyed by epoch), or
+        part ``shard`` of ``num_shards`` of it (see the module docstring; an empty part is the
+        batch's first example with ``example_weight`` 0)."""
+        ds = self.dataset
+        idx = self.shard_indices(epoch, i, shard, num_shards)
+        padded = not idx
+        if padded:
+            idx = self.batch_indices(epoch, i)[:1]
         if hasattr(ds, "get_example"):
             examples = [ds.get_example(j, epoch=epoch) for j in idx]
         else:
             examples = [ds[j] for j in idx]
-        return self.collate_fn(examples)
+        batch = self.collate_fn(examples)
+        if padded:
+            batch["example_weight"] = torch.zeros(len(idx))
+        return batch
 
     def iter_epoch(self, epoch: int = 0, start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
         """Batches ``start + rank, start + rank + W, ...`` of an epoch (e.g. sharded evaluation)."""
@@ -151,14 +183,18 @@ class TaskStep(NamedTuple):
     epoch: int
     step: int  # position within the epoch
     task: str
-    batch_index: int  # global batch index in the task's epoch order (this rank's share)
+    batch_index: int  # global batch index in the task's epoch order (the same on every rank)
+    shard: int = 0  # this rank's part of the global batch (the rank) ...
+    num_shards: int = 1  # ... of this many (the world size)
 
 
 class MultitaskSampler:
     """The per-epoch task schedule, resumable through ``state_dict()`` / ``load_state_dict()``.
 
     ``batches_per_task``: number of (global) batches of each task's loader per epoch; their order
-    (dict order) is part of the schedule and is checked on resume. Iterating yields the
+    (dict order) is part of the schedule and is checked on resume. ``world_size`` / ``rank`` only
+    label the steps with this rank's shard of each global batch: the schedule is the same on
+    every rank and for every world size. Iterating yields the
     remaining :class:`TaskStep` s of the current epoch and then moves to the next epoch; the
     position is advanced *before* each step is handed out, so a state saved while processing a
     step resumes at the following one.
@@ -190,7 +226,7 @@ class MultitaskSampler:
 
     # ---- schedule --------------------------------------------------------------------------
     def steps_per_task(self) -> dict[str, int]:
-        return {t: math.ceil(n / self.world_size) for t, n in self.batches_per_task.items()}
+        return dict(self.batches_per_task)  # one step per global batch, whatever the world size
 
     def __len__(self) -> int:
         """Steps per epoch (the same on every rank)."""
@@ -203,7 +239,7 @@ class MultitaskSampler:
         return tasks
 
     def schedule(self, epoch: int) -> list[TaskStep]:
-        """Every step of an epoch for this rank."""
+        """Every step of an epoch (global batch ``batch_index`` of ``task``; this rank's shard)."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         seen = dict.fromkeys(self.batches_per_task, 0)
@@ -211,8 +247,7 @@ class MultitaskSampler:
         for p, t in enumerate(self.task_order(epoch)):
             k = seen[t]
             seen[t] += 1
-            b = (k * self.world_size + self.rank) % self.batches_per_task[t]
-            steps.append(TaskStep(int(epoch), p, t, b))
+            steps.append(TaskStep(int(epoch), p, t, k, self.rank, self.world_size))
         self._cache = (int(epoch), steps)
         return steps
 
@@ -254,10 +289,11 @@ class MultitaskSampler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
-        """Restore (epoch, position). With ``strict``, the seed, world size and per-task batch
-        counts (and their order) must match, since otherwise the schedule would differ."""
+        """Restore (epoch, position). With ``strict``, the seed and the per-task batch counts (and
+        their order) must match, since otherwise the schedule would differ. The world size may
+        differ: the schedule of global batches does not depend on it."""
         if strict:
-            for key in ("seed", "world_size"):
+            for key in ("seed",):
                 if key in state and state[key] != getattr(self, key):
                     raise ValueError(f"sampler state has {key}={state[key]}, this sampler {getattr(self, key)}")
             if "batches_per_task" in state and list(state["batches_per_task"].items()) != list(
@@ -282,7 +318,7 @@ class _StepBatches(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         s = self.steps[k]
-        batch = self.loaders[s.task].get_batch(s.epoch, s.batch_index)
+        batch = self.loaders[s.task].get_batch(s.epoch, s.batch_index, s.shard, s.num_shards)
         batch["epoch"], batch["step"] = s.epoch, s.step
         return batch
 
@@ -336,7 +372,7 @@ class MultitaskLoader:
         steps = self.sampler.remaining()
         if self.num_workers <= 0:
             for s in steps:
-                batch = self.loaders[s.task].get_batch(s.epoch, s.batch_index)
+                batch = self.loaders[s.task].get_batch(s.epoch, s.batch_index, s.shard, s.num_shards)
                 batch["epoch"], batch["step"] = s.epoch, s.step
                 self.sampler.advance(s)
                 yield batch

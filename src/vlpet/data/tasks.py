@@ -52,11 +52,13 @@ _ALIASES = {
 
 
 def canonical_task(name: str) -> str:
-    """``"nlvr2"`` -> ``"nlvr"``, ``"coco"`` -> ``"caption"``, ...; ValueError if unknown."""
+    """``"nlvr2"`` -> ``"nlvr"``, ``"coco"`` -> ``"caption"``, ...; ConfigError (a ValueError) if unknown."""
     try:
         return _ALIASES[name.lower()]
     except (KeyError, AttributeError):
-        raise ValueError(f"unknown task {name!r}; expected one of {list(TASKS + VIDEO_TASKS)}") from None
+        from ..errors import ConfigError  # a ValueError too
+
+        raise ConfigError(f"unknown task {name!r}; expected one of {list(TASKS + VIDEO_TASKS)}") from None
 
 
 @dataclass(frozen=True)

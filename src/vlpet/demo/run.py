@@ -84,17 +84,19 @@ def prepare_data(root: Path, s: DemoSettings, seed: int) -> Path:
         shutil.rmtree(data_root, ignore_errors=True)
         os.replace(tmp, data_root)
         images = json.loads((data_root / "images.json").read_text())
-        feat_dir = data_root / "COCO" / "clip_features" / FEATURE_DIRNAME
-        _say(f"extracting EfficientNet-Lite0 grid features of {len(images)} images (real ImageNet weights)")
-        summary = extract_features(images, feat_dir, encoder="efficientnet-lite0")
-        _say(f"features: {summary.get('n_written', summary.get('written', '?'))} written at "
-             f"{summary.get('images_per_s', 0):.1f} images/s")
-        # The NLVR2-like task reads the same images: point its feature folder at COCO's.
-        nlvr_dir = data_root / "nlvr" / "clip_features"
-        nlvr_dir.mkdir(parents=True, exist_ok=True)
-        link = nlvr_dir / FEATURE_DIRNAME
-        if not link.exists():
-            os.symlink(os.path.relpath(feat_dir, nlvr_dir), link)
+        # Features depend on the image alone: one shared cache for every data-set version.
+        shared = root / "features-efficientnet-lite0"
+        _say(f"extracting EfficientNet-Lite0 grid features of {len(images)} images (real ImageNet weights; "
+             f"cached in {shared})")
+        summary = extract_features(images, shared, encoder="efficientnet-lite0")
+        _say(f"features: {summary.get('n_written', 0)} computed, {summary.get('n_cached', 0)} from the cache")
+        # Both tasks' feature folders point at it (the NLVR2-like task reads the same images).
+        for task_dir in ("COCO", "nlvr"):
+            parent = data_root / task_dir / "clip_features"
+            parent.mkdir(parents=True, exist_ok=True)
+            link = parent / FEATURE_DIRNAME
+            if not link.exists():
+                os.symlink(os.path.relpath(shared, parent), link)
         done.write_text(json.dumps({"features": summary}, default=str))
     return data_root
 

@@ -13,6 +13,7 @@ scored (see ``vlpet.data.video.score_video_task``).
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,7 @@ def evaluate_model(model, tokenizer, data_root, tasks, split: str, specs: dict, 
             ds = build_dataset(t, split, data_root, tokenizer, spec=specs[t], feat_dim=feat_dim,
                                feature_dirname=feature_dirname, limit=limit, mask_padded_frames=mask_padded_frames)
         except DataError as exc:
-            if not skip_missing:
+            if not skip_missing or os.path.isfile(exc.path):  # skip a missing split, never a broken file
                 raise
             print(f"vlpet: skipping {t} {split}: {exc}")
             continue

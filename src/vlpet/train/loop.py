@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,8 +44,8 @@ STATE_NAME = "trainer_state.pt"
 IMAGE_TASKS = ("vqa", "gqa", "nlvr", "caption")
 VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")  # spec §3.9: VALUE layout, 64 frame tokens, batch 50 each
 PRECISIONS = ("fp32", "bf16", "fp16")
-# Settings that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "num_workers", "eval_test", "debug"}
+# Settings that may differ between an interrupted run and its resumption (a moved run folder resumes too).
+RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "num_workers", "eval_test", "debug", "output"}
 
 
 @dataclass
@@ -96,6 +97,15 @@ class TrainConfig:
                               "overwrite deletes it")
         if self.grad_accum < 1:
             raise ConfigError(f"--grad-accum must be >= 1, got {self.grad_accum}")
+        # 0 would silently mean "the preset's default" (or an empty run) further down: refuse it here
+        for name in ("epochs", "batch_size", "max_steps", "save_every_steps", "limit_train", "limit_eval", "feat_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            raise ConfigError(f"--lr must be a positive finite number, got {self.lr!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
         self.tasks = tuple(self.tasks)
         video = [t for t in self.tasks if str(t).lower() in VIDEO_TASKS + ("youcook2",)]
         if video and len(video) != len(self.tasks):  # refused before the run folder is created
@@ -206,6 +216,9 @@ class Trainer:
 
         cfg = self.cfg
         self.tasks = tuple(canonical_task(t) for t in cfg.tasks)
+        from ..data.layout import VLAdapterLayout, resolve_data_root
+
+        VLAdapterLayout(resolve_data_root(cfg.data_root))  # an existing data root, before the backbone is loaded
         video = [t for t in self.tasks if t in VIDEO_TASKS]
         if video and len(video) != len(self.tasks):
             image = [t for t in self.tasks if t not in VIDEO_TASKS]
@@ -305,18 +318,19 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write checkpoint/ atomically: everything goes to .checkpoint.tmp/, then two renames. A kill at
         any moment leaves a complete checkpoint/ or (between the renames) a complete .checkpoint.old/."""
-        if not self.dist.is_main:
-            return
         bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-        if bad:  # never replace the last good checkpoint by a diverged one
+        if bad:  # never replace the last good checkpoint by a diverged one (DDP: the same on every rank)
             raise TrainingError(f"parameters became non-finite (e.g. {bad[0]}) after step {self.micro_step}; "
                                 f"stopped — the last good checkpoint in {self.out / 'checkpoint'} is kept (try a "
                                 f"lower --lr or --precision fp32)")
+        if not self.dist.is_main:
+            return
         tmp = self.out / ".checkpoint.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         save_adapter(self.model, tmp)
-        # gradients accumulated so far (only mid-accumulation; None right after an optimizer step)
+        # gradients accumulated so far (only mid-accumulation; None right after an optimizer step); DDP syncs them
+        # at every backward, so rank 0's are every rank's
         grads = {n: p.grad.detach().cpu() for n, p in self.model.named_parameters()
                  if p.requires_grad and p.grad is not None}
         state = {
@@ -342,7 +356,7 @@ class Trainer:
     def _latest_checkpoint(self) -> Path | None:
         for name in ("checkpoint", ".checkpoint.old"):
             p = self.out / name
-            if (p / STATE_NAME).is_file() and (p / "vlpet_config.json").is_file():
+            if all((p / f).is_file() for f in (STATE_NAME, "vlpet_config.json", "adapter_model.safetensors")):
                 return p
         return None
 
@@ -361,10 +375,11 @@ class Trainer:
         try:  # weights_only: tensors and plain containers only, a pickled object is refused, never executed
             state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
         except Exception as exc:  # UnpicklingError (a refused object), RuntimeError / EOFError (not a torch file)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise CheckpointError(f"{path / STATE_NAME}: refused or unreadable with weights-only loading "
-                                  f"({type(exc).__name__}: {first}); delete {path} to restart from an "
-                                  f"earlier state") from exc
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in str(exc).splitlines() if x.strip()]
+            why = next((x for x in lines if "Unsupported global" in x), lines[0] if lines else "").split(" Please")[0]
+            raise CheckpointError(f"{path / STATE_NAME}: refused or unreadable by weights-only loading, nothing "
+                                  f"in it was run ({type(exc).__name__}: {why[:200]}); replace or delete {path} "
+                                  f"to go on") from exc
         if not isinstance(state, dict) or state.get("method", mine) != mine:
             raise CheckpointError(f"{path / STATE_NAME}: a training state of method "
                                   f"{state.get('method') if isinstance(state, dict) else None!r}, this run trains "
@@ -386,8 +401,6 @@ class Trainer:
         for n, g in state.get("grads", {}).items():  # a checkpoint taken mid gradient-accumulation
             params[n].grad = g.to(device=params[n].device, dtype=params[n].dtype)
         _set_rng_state(state["rng"])
-        if self.dist.is_main:  # drop log lines of steps after the checkpoint (they are redone)
-            atomic_write_bytes(self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history).encode())
         return True
 
     # -- logging --------------------------------------------------------------------------------
@@ -416,11 +429,13 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
-        self._prepare_output()  # checks only: nothing is written before the data and model are built
+        self._prepare_output()  # checks only: nothing is written before the data, model and checkpoint are read
         self._build()
-        self._write_output()
         self.best, self.running = None, {}
         resumed = self.load_checkpoint() if cfg.resume else False
+        self._write_output()
+        if cfg.resume and self.dist.is_main:  # drop the log lines of steps after the checkpoint (they are redone)
+            atomic_write_bytes(self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history).encode())
         self._open_tensorboard()
         if self.dist.is_main:
             tp = self.params
@@ -472,7 +487,7 @@ class Trainer:
         with autocast(self.device, cfg.precision):
             out = self.forward_model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"],
                                      vis_attention_mask=b.get("vis_attention_mask"), labels=b["target_ids"],
-                                     task=batch["task"])
+                                     task=batch["task"], return_loss=False)
             total, count = task_loss_terms(out.logits, b["target_ids"], spec.loss_reduction,
                                            b["scores"] if spec.weight_by_score else None, weight)
         # One all-reduce per step: the loss sum, its count (samples, or target tokens for captions) and the

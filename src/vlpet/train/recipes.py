@@ -27,7 +27,7 @@ def read_recipe(path) -> dict:
             data = json.loads(text)
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
         raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
-                          f"({str(exc).splitlines()[0]})") from exc
+                          f"({' '.join(str(exc).split())[:300]})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of options, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -31,7 +31,12 @@ def _resolve(checkpoint) -> tuple[dict, list[tuple[str, Path]]]:
     """(run config or {}, [(label, adapter folder), ...])."""
     path = Path(checkpoint)
     if (path / "run_config.json").is_file():
-        run = json.loads((path / "run_config.json").read_text())
+        try:
+            run = json.loads((path / "run_config.json").read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{path / 'run_config.json'}: not a readable run config ({exc})") from exc
+        if not isinstance(run, dict):
+            raise CheckpointError(f"{path / 'run_config.json'}: expected a JSON object, got {type(run).__name__}")
         folders = [(w, path / f"adapter-{w}") for w in ("last", "best") if (path / f"adapter-{w}" / CONFIG_NAME).is_file()]
         if not folders:
             raise CheckpointError(f"{path}: the run has no finished adapter yet (adapter-last/ or adapter-best/); "
@@ -70,6 +75,11 @@ def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbon
                         progress=True, unmasked_frames=None, caption_metrics=None) -> dict:
     from ..data.tasks import canonical_task
 
+    if not Path(data_root).is_dir():
+        from ..data import DataError
+
+        raise DataError(data_root, "an existing data root directory (--data-root)",
+                        got="a file" if Path(data_root).exists() else "no such directory")
     run, folders = _resolve(checkpoint)
     default = VIDEO_TASKS if _is_video_adapter(folders[0][1]) else ALL_TASKS
     tasks = tuple(canonical_task(t) for t in (tasks or run.get("tasks") or default))
