@@ -230,3 +230,21 @@ def test_wrappers_pass_through_outside_a_vl_call(build, backbone_dirs):
             a = model.backbone.get_encoder()(input_ids=ids).last_hidden_state
             b = orig.get_encoder()(input_ids=ids).last_hidden_state
         assert rel_err(a, b) < TOL
+
+
+@pytest.mark.parametrize("side,out", [(7, 6), (7, 3), (7, 5), (8, 3), (6, 4)])
+def test_pool_grid_equals_adaptive_max_pool(side, out):
+    """The strided fast path (uniform windows) and the fallback both equal adaptive_max_pool2d, values and grads."""
+    import torch.nn.functional as F
+
+    from vlpet.backbones.visual import pool_grid
+
+    x = torch.randn(3, side * side, 5, dtype=torch.float64, requires_grad=True)
+    ref_in = x.detach().clone().requires_grad_(True)
+    ref = F.adaptive_max_pool2d(ref_in.transpose(1, 2).reshape(3, 5, side, side), (out, out)).flatten(2).transpose(1, 2)
+    got = pool_grid(x, out)
+    assert torch.equal(got, ref)
+    g = torch.randn_like(ref)
+    got.backward(g)
+    ref.backward(g)
+    assert torch.equal(x.grad, ref_in.grad)

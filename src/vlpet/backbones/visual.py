@@ -62,14 +62,42 @@ class VisualEmbedding(nn.Module):
         return f + p + (img + obj).unsqueeze(0)
 
 
+def _uniform_windows(side: int, out_side: int) -> tuple[int, int] | None:
+    """(kernel, stride) when adaptive pooling side -> out_side uses equal, evenly spaced windows
+    (7 -> 6: kernel 2, stride 1; 7 -> 3: kernel 3, stride 2), else None."""
+    starts = [(i * side) // out_side for i in range(out_side)]
+    ends = [-((-(i + 1) * side) // out_side) for i in range(out_side)]
+    sizes = {e - b for b, e in zip(starts, ends)}
+    strides = {b - a for a, b in zip(starts, starts[1:])} or {1}
+    if len(sizes) == 1 and len(strides) == 1:
+        return sizes.pop(), strides.pop()
+    return None
+
+
 def pool_grid(feats: torch.Tensor, out_side: int) -> torch.Tensor:
-    """[N, S*S, F] grid (row-major) -> [N, out_side², F] by adaptive max pooling (7x7 -> 6x6)."""
+    """[N, S*S, F] grid (row-major) -> [N, out_side², F] by adaptive max pooling (7x7 -> 6x6).
+
+    When the adaptive windows are uniform (7 -> 6 and 7 -> 3 are) the max is taken over k² strided
+    views in the features-last layout: the same numbers as `adaptive_max_pool2d`, without its two
+    transposes and its slow kernel (2.8 ms of a 80 ms H100 step at batch 500, benchmarks/README.md).
+    """
     n, v, fdim = feats.shape
     side = math.isqrt(v)
     if side * side != v:
         raise ShapeError(f"vis_feats: {v} visual tokens is not a square grid; cannot pool to {out_side}x{out_side}")
     if side == out_side:
         return feats
-    grid = feats.transpose(1, 2).reshape(n, fdim, side, side)
-    pooled = F.adaptive_max_pool2d(grid, (out_side, out_side))
-    return pooled.flatten(2).transpose(1, 2)
+    uniform = _uniform_windows(side, out_side)
+    if uniform is None:
+        grid = feats.transpose(1, 2).reshape(n, fdim, side, side)
+        pooled = F.adaptive_max_pool2d(grid, (out_side, out_side))
+        return pooled.flatten(2).transpose(1, 2)
+    k, st = uniform
+    grid = feats.reshape(n, side, side, fdim)
+    span = st * (out_side - 1) + 1
+    out = None
+    for a in range(k):
+        for b in range(k):
+            view = grid[:, a:a + span:st, b:b + span:st]
+            out = view if out is None else torch.maximum(out, view)
+    return out.reshape(n, out_side * out_side, fdim)
