@@ -49,11 +49,11 @@ class DemoSettings:
     limit_eval: int | None = None
 
 
-QUICK = DemoSettings(n_train_images=24, n_val_images=8, n_test_images=12, pretrain_budget_s=5.0, epochs=3,
-                     max_steps=None,
-                     batch_size=8, plm_model={"d_model": 64, "encoder_layers": 1, "decoder_layers": 1,
-                                              "encoder_attention_heads": 2, "decoder_attention_heads": 2,
-                                              "encoder_ffn_dim": 128, "decoder_ffn_dim": 128},
+QUICK = DemoSettings(n_train_images=24, n_val_images=8, n_test_images=12, nlvr_sets_per_image=0.125,
+                     pretrain_budget_s=5.0, epochs=50, max_steps=150, batch_size=8,
+                     plm_model={"d_model": 64, "encoder_layers": 1, "decoder_layers": 1,
+                                "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+                                "encoder_ffn_dim": 128, "decoder_ffn_dim": 128},
                      plm_train={"vocab_size": 600, "english_max_chars": 60_000, "batch_size": 8},
                      plm_max_steps=30)
 

