@@ -473,7 +473,9 @@ class Trainer:
                     done = True
                     break
             epoch_finished = self.train_loader.sampler.position in (0, len(self.train_loader))
-            if epoch_finished and cfg.eval_every_epoch:
+            # Validate at the end of every epoch, and at --max-steps when it stops an epoch midway, so
+            # that adapter-best is chosen among every adapter the run ends with.
+            if (epoch_finished or done) and cfg.eval_every_epoch:
                 self._validate(epoch)
             self.save_checkpoint()
         bar.close()
