@@ -191,7 +191,7 @@ def cmd_params(a) -> int:
     pct = 100 * t / n
     if a.json:
         print(json.dumps({"backbone": a.backbone, "method": a.method, "video": a.video, "trainable": t, "total": n,
-                          "percent": round(pct, 3)}))
+                          "percent": round(pct, 6)}))
     else:
         print(f"{a.method} on {a.backbone}{' (video)' if a.video else ''}: trainable {t:,} / total {n:,} "
               f"= {pct:.3f}%")
@@ -207,7 +207,7 @@ def cmd_presets(a) -> int:
         row = {"preset": name, "description": get_preset(name).description}
         for bb, fam in (("bart-base", "bart"), ("t5-base", "t5")):
             t, n = VLModel.build(bb, name, meta=True, load_tok=False).parameter_counts()
-            row[f"{fam}_percent"] = round(100 * t / n, 3)
+            row[f"{fam}_percent"] = 100 * t / n
             row[f"{fam}_paper"] = PAPER_PARAMS_PERCENT[fam].get(name)
         rows.append(row)
     if a.json:
