@@ -36,14 +36,15 @@ class TextOnlyPositions(nn.Module):
         self.base_layer = base_layer
         self.ctx = [ctx]  # a list keeps the context out of the module tree
 
-    def forward(self, input_ids, *args, **kwargs):
+    def forward(self, *args, **kwargs):
+        # Called with ids, embeddings or a shape depending on the architecture; returns [.., N, D].
+        pos = self.base_layer(*args, **kwargs)
         ctx = self.ctx[0]
         if not ctx.active:
-            return self.base_layer(input_ids, *args, **kwargs)
+            return pos
         p, t = ctx.prompt_len, ctx.text_len
-        pos = self.base_layer(input_ids[:, p:p + t], *args, **kwargs)  # positions 0..t-1 (+ offset)
-        n = input_ids.shape[1]
-        return nn.functional.pad(pos, (0, 0, p, n - p - t))
+        n = pos.shape[-2]
+        return nn.functional.pad(pos.narrow(-2, 0, t), (0, 0, p, n - p - t))  # text rows get positions 0..t-1
 
 
 class TextOnlyNorm(nn.Module):
