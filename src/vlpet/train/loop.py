@@ -242,15 +242,22 @@ class Trainer:
         defaults = train_defaults(cfg.method, arch.name, video=self.video)
         self.epochs = cfg.epochs or defaults.epochs
         self.lr = cfg.lr or defaults.lr
-        vqa_bs = cfg.batch_size or defaults.batch_size
+        world = self.dist.world_size
+        if cfg.batch_size:
+            vqa_bs = cfg.batch_size
+        else:  # the paper's batch is global: split it over the processes
+            vqa_bs = max(1, defaults.batch_size // world)
+            if defaults.batch_size % world and self.dist.is_main:
+                print(f"vlpet: the paper's batch {defaults.batch_size} is not divisible by {world} processes; "
+                      f"using {vqa_bs} per process (global {vqa_bs * world}); pass --batch-size to choose")
         self.specs = {t: get_task_spec(t, use_prompts=method.task_prompts, official_gqa_typo=cfg.official_gqa_typo,
                                        caption_no_repeat_ngram_size=cfg.caption_no_repeat_ngram_size)
                       for t in self.tasks}
         # video: one batch size for all four tasks (spec §4.2). `--batch-size` is per process; the loaders
         # hold the global batches (W x it, the other tasks scaled from the global VQA batch) and each rank
         # takes its contiguous part of every global batch (vlpet.data.sampler), so W processes with
-        # --batch-size B/W train on exactly the batches of one process with --batch-size B.
-        world = self.dist.world_size
+        # --batch-size B/W train on exactly the batches of one process with --batch-size B. Without
+        # --batch-size the paper's (global) batch is divided by W.
         sizes = {t: vqa_bs * world for t in self.tasks} if self.video else task_batch_sizes(vqa_bs * world)
         per_process = {t: vqa_bs for t in self.tasks} if self.video else task_batch_sizes(vqa_bs)
         train_sets = {t: build_dataset(t, "train", cfg.data_root, self.tokenizer, spec=self.specs[t], seed=cfg.seed,
