@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from vlpet.rng import fork_rng  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -175,20 +176,10 @@ def build_vl(backbone: str, method: str, tiny: bool, seed: int = 0):
     from transformers import AutoModelForSeq2SeqLM
 
     cfg = hf_config(backbone, tiny=True)
-    with _fork_rng(seed):
+    with fork_rng(seed):
         hf = AutoModelForSeq2SeqLM.from_config(cfg)
     return VLModel(hf, mc, VisualConfig.for_task(), backbone_name=f"{backbone}-tiny",
                    vocab_rows=cfg.vocab_size + 200, seed=seed)
-
-
-@contextlib.contextmanager
-def _fork_rng(seed: int):
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def param_counts(model: torch.nn.Module) -> tuple[int, int]:

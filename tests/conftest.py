@@ -211,3 +211,12 @@ def make_tiny_bart(folder, d_model: int = 48, layers: int = 2, dropout: float = 
         torch.random.set_rng_state(state)
     tok.save_pretrained(folder)
     return folder, tok
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

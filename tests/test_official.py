@@ -21,12 +21,8 @@ VOCAB = 64  # + 200 VL rows -> 264
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from .methods.hyperformer import HyperAdapter, HyperNetController, TaskEmbedding
 from .methods.prompt import EncoderPrompt
 from .placement import GatedSublayer, apply_zero_init, get_module, init_new_modules, place_modules, set_module
 from .presets import ALL_SUBLAYERS, get_preset
+from .rng import fork_rng
 
 FORMAT_VERSION = 1
 
@@ -66,7 +67,7 @@ class VLModel(nn.Module):
         if getattr(cfg, "decoder_start_token_id", None) is None:  # T5 convention: start with pad
             cfg.decoder_start_token_id = cfg.pad_token_id
 
-        with _seeded(seed, enabled=not meta):
+        with fork_rng(seed, enabled=not meta):
             self.original_vocab_rows = backbone.get_input_embeddings().num_embeddings
             rows = vocab_rows or vocab_size_after_extension(backbone_name, backbone, tokenizer)
             self._extend_vocabulary(backbone, rows)
@@ -387,19 +388,6 @@ def _add_zero_biases(model: VLModel) -> None:
         elif _is_norm(m) and getattr(m, "bias", None) is None and not isinstance(m, _BiasedNorm) \
                 and not name.endswith("base_layer"):
             set_module(model, name, _BiasedNorm(m, m.weight.shape[0]))
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, enabled: bool = True):
-    if not enabled:
-        yield
-        return
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def describe(model: VLModel) -> str:

@@ -11,7 +11,7 @@ residual stream, i.e. the input of the sub-layer's LayerNorm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import ConfigError
 
@@ -142,18 +142,9 @@ MBART = ArchSpec(
     notes="generic path: pre-LN BART descendant",
 )
 
-PEGASUS = ArchSpec(
-    name="pegasus",
-    model_types=("pegasus",),
-    encoder="model.encoder",
-    encoder_layers="model.encoder.layers",
-    decoder_layers="model.decoder.layers",
-    shared_embedding="model.shared",
-    sublayers=_PRELN_BART_SUBLAYERS,
-    projections=_bart_projections(),
-    text_only_positions="model.encoder.embed_positions",
-    notes="generic path: pre-LN, sinusoidal positions",
-)
+# Pegasus: like mBART, but sinusoidal positions and no layernorm_embedding.
+PEGASUS = replace(MBART, name="pegasus", model_types=("pegasus",), text_only_norm=None,
+                  notes="generic path: pre-LN, sinusoidal positions")
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (BART, T5, MBART, PEGASUS)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..rng import fork_rng
 
 N_EXTRA_IDS = 100  # <extra_id_*> (T5 sentinels) and <vis_extra_id_*> (object-order rows), spec §3.4
 
@@ -60,7 +61,7 @@ def load_backbone(name_or_path: str, *, seed: int = 0, meta: bool = False, dtype
         if meta:
             with torch.device("meta"):
                 return AutoModelForSeq2SeqLM.from_config(config)
-        with _fork_rng(seed):
+        with fork_rng(seed):
             model = AutoModelForSeq2SeqLM.from_config(config)
         return model
     if _is_local(name_or_path) and not Path(name_or_path).is_dir():
@@ -120,18 +121,3 @@ def vocab_size_after_extension(name_or_path: str, model, tokenizer) -> int:
     if name_or_path in BUILTIN_BACKBONES:
         return BUILTIN_BACKBONES[name_or_path].vocab_after_extension
     return model.get_input_embeddings().num_embeddings + 2 * N_EXTRA_IDS
-
-
-class _fork_rng:
-    """Seed torch's CPU RNG inside the block and restore the caller's RNG state afterwards."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self.state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        torch.random.set_rng_state(self.state)
-        return False
