@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -164,18 +163,3 @@ def load_trainable(model, tensors: dict[str, torch.Tensor], source: str, strict:
                                   f"{emb.shape[0] - start}")
         emb[start:].copy_(rows.to(emb.dtype))
     return {"missing": missing, "unexpected": unexpected}
-
-
-def copy_folder_atomic(src: Path, dst: Path) -> None:
-    """Replace `dst` by a copy of `src` so that `dst` is never half-written."""
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    old = dst.with_name(f".{dst.name}.old")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old.exists():
-        shutil.rmtree(old)

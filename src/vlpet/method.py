@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .granularity import GATE_KINDS, GateOptions
+from .granularity import GateOptions
 
 MODIFICATIONS = ("adapter", "phm_adapter", "none")
 MODES = ("sequential", "parallel")

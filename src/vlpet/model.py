@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -388,9 +387,3 @@ def _add_zero_biases(model: VLModel) -> None:
         elif _is_norm(m) and getattr(m, "bias", None) is None and not isinstance(m, _BiasedNorm) \
                 and not name.endswith("base_layer"):
             set_module(model, name, _BiasedNorm(m, m.weight.shape[0]))
-
-
-def describe(model: VLModel) -> str:
-    t, n = model.parameter_counts()
-    return json.dumps({"backbone": model.backbone_name, "method": model.method.name, "trainable": t, "total": n,
-                       "percent": round(100 * t / n, 3)})

@@ -450,7 +450,7 @@ class Trainer:
                   f"({tp['percent']:.2f}%) | tasks {','.join(self.tasks)} | {len(self.train_loader)} steps/epoch x "
                   f"{self.epochs} epochs | lr {self.lr:g} | {cfg.precision} on {self.device}"
                   + (f" | resumed at step {self.micro_step}" if resumed else ""))
-        model, opt = self.model, self.optimizer
+        model = self.model
         bar = tqdm(total=self.total_micro_steps, initial=self.micro_step, disable=not (cfg.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True)
         t0, seen = time.time(), 0
