@@ -21,10 +21,16 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     pip install -q "torch>=2.3"
   else
     echo "vlpet: no NVIDIA GPU: installing a CPU build of torch" >&2
-    # A local CPU wheel when the machine has one (this workplace), else PyTorch's CPU index.
-    pip install -q --no-index torch==2.13.0 2>/dev/null \
-      || pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-      || pip install -q "torch>=2.3" --index-url https://download.pytorch.org/whl/cpu
+    # A local CPU wheel when the machine has one (this workplace: pip's find-links), its dependencies
+    # from the usual index; otherwise PyTorch's CPU index.
+    if pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null; then
+      pip install -q torch==2.13.0
+    else
+      pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+        --extra-index-url https://pypi.org/simple \
+        || pip install -q "torch>=2.3" --index-url https://download.pytorch.org/whl/cpu \
+             --extra-index-url https://pypi.org/simple
+    fi
   fi
 fi
 # vlpet itself (editable) with the demo and test extras; torch is already satisfied, so nothing pulls CUDA.
