@@ -10,6 +10,7 @@ Video (spec §3.9, §7.4): one ``.npz`` per video with key ``features`` of shape
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import zipfile
@@ -118,6 +119,20 @@ def _atomic_target(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
+@contextlib.contextmanager
+def _atomic_file(path: Path):
+    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed."""
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_h5_features(path: str | os.PathLike, img_id: str, array) -> Path:
     """Write ``array`` [N, F] as dataset ``{img_id}/features`` (float32), atomically.
 
@@ -129,16 +144,9 @@ def write_h5_features(path: str | os.PathLike, img_id: str, array) -> Path:
     if arr.ndim != 2:
         raise ValueError(f"features for {img_id!r} must be 2-D [N, F], got shape {arr.shape}")
     h5py = _h5py()
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
+    with _atomic_file(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset(f"{img_id}/features", data=arr)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -173,15 +181,9 @@ def write_npz_video(path: str | os.PathLike, array) -> Path:
     arr = np.asarray(array, dtype=np.float32)
     if arr.ndim != 2:
         raise ValueError(f"video features must be 2-D [T, F], got shape {arr.shape}")
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with _atomic_file(path) as tmp:
+        with open(tmp, "wb") as fh:
             np.savez(fh, features=arr)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
