@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, PAD_ID, make_batch, perturb, rel_err, shrink
+from conftest import ARCHS, PAD_ID, make_batch, perturb, rel_err, shrink, layer_norm, rms_norm
 
 from vlpet.presets import get_preset
 
@@ -38,16 +38,6 @@ def sigmoid(x):
 def linear(x, weight, bias=None):
     y = x @ weight.T
     return y if bias is None else y + bias
-
-
-def layer_norm(x, weight, bias, eps=1e-5):
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).pow(2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + eps) * weight + bias
-
-
-def rms_norm(x, weight, eps=1e-6):
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 def phm_linear(layer, x):

@@ -12,19 +12,9 @@ import math
 
 import pytest
 import torch
-from conftest import FEAT_DIM, make_batch, rel_err
+from conftest import FEAT_DIM, make_batch, rel_err, layer_norm, rms_norm
 
 TOL = 1e-5
-
-
-def layer_norm(x, weight, bias, eps=1e-5):
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).pow(2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + eps) * weight + bias
-
-
-def rms_norm(x, weight, eps=1e-6):
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 def pool_7x7_to_6x6(f):
