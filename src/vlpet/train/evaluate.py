@@ -13,6 +13,7 @@ scored (see ``vlpet.data.video.score_video_task``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -128,22 +129,31 @@ def score_task(task: str, result: dict[str, Any], vqa_annotations=None,
 
 
 def load_vqa_annotations_for(data_root: str | Path):
-    """Merge the official train2014 / val2014 annotations that exist under the data root."""
+    """Merge the official train2014 / val2014 annotations that exist under the data root.
+
+    The real files are hundreds of MB and every validation and test pass scores against them, so the
+    parsed result is kept until the files change (callers only read it)."""
     from ..data.layout import VLAdapterLayout
-    from ..metrics import VQAAnnotations, load_vqa_annotations
 
     layout = VLAdapterLayout(Path(data_root))
+    paths = [layout.vqa_annotations(w) for w in ("train", "val")]
+    stamp = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths if p.is_file())
+    return _merged_vqa_annotations(stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _merged_vqa_annotations(stamp: tuple):
+    from ..metrics import VQAAnnotations, load_vqa_annotations
+
     merged = None
-    for which in ("train", "val"):
-        path = layout.vqa_annotations(which)
-        if path.is_file():
-            ann = load_vqa_annotations(path)
-            if merged is None:
-                merged = VQAAnnotations(dict(ann.answers), dict(ann.answer_types), dict(ann.question_types))
-            else:
-                merged.answers.update(ann.answers)
-                merged.answer_types.update(ann.answer_types)
-                merged.question_types.update(ann.question_types)
+    for path, _, _ in stamp:
+        ann = load_vqa_annotations(path)
+        if merged is None:
+            merged = VQAAnnotations(dict(ann.answers), dict(ann.answer_types), dict(ann.question_types))
+        else:
+            merged.answers.update(ann.answers)
+            merged.answer_types.update(ann.answer_types)
+            merged.question_types.update(ann.question_types)
     return merged
 
 
