@@ -67,7 +67,9 @@ def save_adapter(model, folder) -> Path:
     tensors = dict(model.trainable_state_dict())
     emb = model.backbone.get_input_embeddings().weight
     if emb.shape[0] > model.original_vocab_rows and not emb.requires_grad:
-        tensors[ADDED_ROWS_KEY] = emb[model.original_vocab_rows:].detach()
+        # fp32 whatever the training stored them in (a bf16 frozen backbone, vlpet.frozen_precision)
+        rows = emb[model.original_vocab_rows:].detach()
+        tensors[ADDED_ROWS_KEY] = rows.float() if rows.dtype in (torch.bfloat16, torch.float16) else rows
     save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt", "producer": "vlpet"})
     if model.tokenizer is not None:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:

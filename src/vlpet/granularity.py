@@ -107,7 +107,7 @@ class GatedModification(nn.Module):
             g = self.gate(x, y, mask)
             if self.record:
                 self.last_gate = g.detach()
-            y = g * y
+            y = g.to(y.dtype) * y  # an fp32 gate (middleY's 1 + z) must not promote a bf16 stream
         if s != 1.0 and not self.scale_delta_only:
             y = s * y
         return y

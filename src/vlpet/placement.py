@@ -92,7 +92,7 @@ def _forward_parallel(self: GatedModification, h, x, mask):
         g = self.gate(x, y, mask)
         if self.record:
             self.last_gate = g.detach()
-        y = g * y
+        y = g.to(y.dtype) * y
     return s * y if (s != 1.0 and not self.scale_delta_only) else y
 
 

@@ -83,6 +83,7 @@ class TrainConfig:
     num_workers: int = 0
     device: str | None = None
     compile: bool = False
+    frozen_dtype: str = "auto"  # auto: the frozen backbone is stored in bf16 when precision is bf16 (frozen_precision)
     method_overrides: dict = field(default_factory=dict)
     resume: bool = False
     overwrite: bool = False
@@ -95,6 +96,9 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite conflict: resume continues the run in --output, "
                               "overwrite deletes it")
+        from ..frozen_precision import resolve_frozen_dtype
+
+        resolve_frozen_dtype(self.frozen_dtype, self.precision)  # a clear error before anything is written
         if self.grad_accum < 1:
             raise ConfigError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         # 0 would silently mean "the preset's default" (or an empty run) further down: refuse it here
@@ -272,6 +276,11 @@ class Trainer:
             visual = dataclasses.replace(visual, pool_side=cfg.visual_pool)
         self.model = VLModel(base, method, visual, backbone_name=cfg.backbone,
                              tokenizer=self.tokenizer, seed=cfg.seed).to(self.device)
+        from ..frozen_precision import resolve_frozen_dtype
+
+        frozen = resolve_frozen_dtype(cfg.frozen_dtype, cfg.precision)
+        if frozen != torch.float32:
+            self.model.set_frozen_dtype(frozen)
         self.feat_dim = feat_dim
         pad = self.tokenizer.pad_token_id
         self.loaders = {t: TaskBatchLoader(ds, sizes[t], seed=cfg.seed, pad_id=pad, task=t)
