@@ -76,6 +76,9 @@ def run(args, device, data: dict, writer: B.ResultWriter) -> None:
             eos = hf.generation_config.eos_token_id
             eos = eos[0] if isinstance(eos, (list, tuple)) else eos
             for precision in args.precisions:
+                from vlpet.frozen_precision import resolve_frozen_dtype
+
+                model.set_frozen_dtype(resolve_frozen_dtype(args.frozen_dtype, precision))
                 for task in args.tasks:
                     ckey = f"{backbone}/{precision}/{task}/{method}"
                     if deadline.passed():
@@ -211,6 +214,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny architectures, batch 4 (vqa) / 2 (caption): CPU smoke test")
     p.add_argument("--no-tf32", dest="tf32", action="store_false")
+    p.add_argument("--frozen-dtype", choices=("auto", "fp32"), default="auto",
+                   help="auto stores the frozen backbone in bf16 for bf16 (as `vlpet evaluate/predict` do); "
+                        "fp32 keeps plain autocast over fp32 weights")
     p.add_argument("--out", default=None, help="folder for the JSON (default $OUT when set)")
     p.add_argument("--results-dir", default=None, help="also write here (default benchmarks/results/, not for --tiny)")
     p.add_argument("--max-minutes", type=float, default=None)
@@ -237,7 +243,7 @@ def main(argv=None) -> int:
     device = B.pick_device(args.device)
     B.cpu_threads_for_tiny(device, args.tiny)
     tf = B.configure_tf32(device, args.tf32)
-    extra = dict(tf, force_length=args.force_length, tiny=args.tiny, steps=args.steps, warmup=args.warmup,
+    extra = dict(tf, force_length=args.force_length, frozen_dtype=args.frozen_dtype, tiny=args.tiny, steps=args.steps, warmup=args.warmup,
                  tasks={t: {k: v for k, v in TASKS[t].items()} for t in args.tasks},
                  vis_feats_shape=[B.GRID, B.FEAT_DIM], peak_mem_unit="GiB (2^30 bytes)")
     env = B.environment(device, extra)

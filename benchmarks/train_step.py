@@ -67,7 +67,7 @@ def build_plain(backbone: str, method: str, tiny: bool, seed: int = 0):
     from transformers import AutoModelForSeq2SeqLM
 
     cfg = B.hf_config(backbone, tiny)
-    with B._fork_rng(seed):
+    with B.fork_rng(seed):
         hf = AutoModelForSeq2SeqLM.from_config(cfg)
         start = hf  # keeps prepare_decoder_input_ids_from_labels reachable before PEFT wraps it
         if method == "plain-peft-lora":
@@ -160,6 +160,18 @@ def build(backbone: str, method: str, args, device):
     return model, make_opt, plain
 
 
+def apply_frozen_dtype(model, plain: bool, choice: str, precision: str) -> str:
+    """vlpet rows: store the frozen backbone as `vlpet train --frozen-dtype` would (auto: bf16 for bf16).
+    Plain transformers rows keep fp32 weights under autocast, as their users run them."""
+    if plain:
+        return "fp32"
+    from vlpet.frozen_precision import resolve_frozen_dtype
+
+    dtype = resolve_frozen_dtype(choice, precision)
+    model.set_frozen_dtype(dtype)  # also back to fp32 after a bf16 config (the values stay bf16-rounded)
+    return str(dtype).replace("torch.", "")
+
+
 def vocab_of(model, plain: bool) -> int:
     hf = model.hf if plain else model.backbone
     return hf.get_input_embeddings().num_embeddings
@@ -202,6 +214,7 @@ def run_matrix(args, device, data: dict, writer: B.ResultWriter) -> None:
                     errors[ckey] = "skipped: --max-minutes reached"
                     continue
                 try:
+                    frozen = apply_frozen_dtype(model, plain, args.frozen_dtype, precision)
                     opt = make_opt()
                     B.reset_memory(device)
                     step = make_step(model, opt, batch, device, precision, args.loss_path, plain, args.compile)
@@ -224,7 +237,7 @@ def run_matrix(args, device, data: dict, writer: B.ResultWriter) -> None:
                         "trainable_percent": round(100 * trainable / total, 3),
                         "attn_implementation": B.attn_impl(model.hf if plain else model.backbone),
                         "final_loss": round(final_loss, 4), "build_s": round(build_s, 2), "warmup_s": round(warm_s, 2),
-                        "plain_transformers": plain,
+                        "plain_transformers": plain, "frozen_dtype": frozen, "compile": args.compile,
                     }
                     results.setdefault(backbone, {}).setdefault(precision, {})[method] = rec
                     B.log(f"[ok] {ckey}: {rec['step_ms']:.2f} ms/step, {rec['samples_per_s']:.0f} samples/s, "
@@ -310,7 +323,7 @@ def markdown(data: dict) -> str:
     env = data["meta"]
     parts = [f"### train_step — {env['card']} · {env['date']} · commit {env['commit']} · torch {env['torch']} · "
              f"transformers {env['transformers']} · peft {env['peft']}",
-             f"loss path `{env['loss_path']}`, compile {env['compile']}, TF32 {env['tf32']} "
+             f"loss path `{env['loss_path']}`, compile {env['compile']}, frozen dtype {env.get('frozen_dtype')}, TF32 {env['tf32']} "
              f"(float32 matmul precision `{env['float32_matmul_precision']}`), steps {env['steps']} "
              f"after {env['warmup']} warm-up{', TINY smoke-test shapes' if env['tiny'] else ''}", ""]
     rows = []
@@ -352,6 +365,7 @@ def run_profile(args, device, folders: list[Path], data: dict) -> None:
     model, make_opt, plain = build(backbone, method, args, device)
     bsz = args.batch or (4 if args.tiny else B.PAPER_BATCH[backbone])
     batch = B.random_batch(bsz, device, vocab_of(model, plain), seed=args.seed)
+    apply_frozen_dtype(model, plain, args.frozen_dtype, precision)
     opt = make_opt()
     step = make_step(model, opt, batch, device, precision, args.loss_path, plain, args.compile, phases=True)
     for _ in range(max(args.warmup, 3)):
@@ -432,6 +446,10 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true",
                    help="tiny architectures of the same families, batch 4, 3 steps: a CPU smoke test")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's forward (mode default)")
+    p.add_argument("--frozen-dtype", choices=("auto", "fp32"), default="auto",
+                   help="vlpet rows: auto stores the frozen backbone in bf16 for bf16 (as `vlpet train` does); "
+                        "fp32 keeps plain autocast over fp32 weights")
+    p.add_argument("--tag", default="", help="appended to the JSON file name (e.g. -compile)")
     p.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="fp32 without TF32 (default: TF32 allowed, as the official scripts run)")
     p.add_argument("--loss-path", choices=("labels", "decoder-ids"), default="decoder-ids",
@@ -477,14 +495,14 @@ def main(argv=None) -> int:
     device = B.pick_device(args.device)
     B.cpu_threads_for_tiny(device, args.tiny)
     tf = B.configure_tf32(device, args.tf32)
-    extra = dict(tf, loss_path=args.loss_path, compile=args.compile, tiny=args.tiny, steps=args.steps,
+    extra = dict(tf, loss_path=args.loss_path, compile=args.compile, frozen_dtype=args.frozen_dtype, tiny=args.tiny, steps=args.steps,
                  warmup=args.warmup, text_len=B.TEXT_LEN, vis_feats_shape=[B.GRID, B.FEAT_DIM], visual_tokens=36,
                  target_len=B.TARGET_LEN, clip_norm=CLIP, optimizer="AdamW (fused on CUDA), eps 1e-6, wd 0.01",
                  peak_mem_unit="GiB (2^30 bytes), torch.cuda.max_memory_allocated")
     env = B.environment(device, extra)
     data = {"benchmark": "train_step", "meta": env, "results": {}, "ratios": {}, "targets": [], "errors": {}}
     folders = B.output_folders(args)
-    writer = B.ResultWriter("train_step", env, folders, tag="-tiny" if args.tiny else "")
+    writer = B.ResultWriter("train_step", env, folders, tag=("-tiny" if args.tiny else "") + args.tag)
     B.log(f"device {env['card']} · torch {env['torch']} · transformers {env['transformers']} · commit "
           f"{env['commit']} · writing {', '.join(map(str, writer.paths)) or 'nothing'}")
     if not args.profile_only:
