@@ -20,6 +20,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from .backbones.arch import ArchSpec, arch_for
+from .backbones.head import AlignedLMHead
 from .backbones.joint import JointContext, TextOnlyNorm, TextOnlyPositions, TextOnlyRelativeBias
 from .backbones.loading import load_backbone, load_tokenizer, vocab_size_after_extension
 from .backbones.visual import RMSNorm, VisualEmbedding, pool_grid
@@ -70,6 +71,9 @@ class VLModel(nn.Module):
             self.original_vocab_rows = backbone.get_input_embeddings().num_embeddings
             rows = vocab_rows or vocab_size_after_extension(backbone_name, backbone, tokenizer)
             self._extend_vocabulary(backbone, rows)
+            head = backbone.get_output_embeddings()
+            if head is not None:  # same weights, a GPU-friendly product (vlpet.backbones.head)
+                backbone.set_output_embeddings(AlignedLMHead.replace(head))
             self.backbone = backbone
             self._wrap_joint_input()
             self.visual_embedding = VisualEmbedding(visual.feat_dim, self.d_model, self.arch.norm, self.arch.norm_eps,
