@@ -106,6 +106,9 @@ def make_step(model, opt, batch: dict, device, precision: str, loss_path: str, p
     from vlpet.train.losses import task_loss
 
     fwd = torch.compile(model) if compiled else model
+    # with --compile the loss is compiled too (as `vlpet train --compile` does): inductor fuses the
+    # vocabulary-wide log-softmax with the bf16 -> fp32 cast
+    loss_fn = torch.compile(task_loss) if compiled else task_loss
     params = [p for g in opt.param_groups for p in g["params"]]
     ids, mask, feats, labels = batch["input_ids"], batch["attention_mask"], batch["vis_feats"], batch["labels"]
     if plain:
@@ -122,7 +125,7 @@ def make_step(model, opt, batch: dict, device, precision: str, loss_path: str, p
             with rf("bench/forward"):
                 out = fwd(ids, mask, vis_feats=feats, **kw)
             with rf("bench/loss"):
-                loss = out.loss if (plain and loss_path == "labels") else task_loss(out.logits, labels)
+                loss = out.loss if (plain and loss_path == "labels") else loss_fn(out.logits, labels)
         with rf("bench/backward"):
             loss.backward()
         with rf("bench/clip"):
@@ -449,6 +452,9 @@ def parse_args(argv=None):
     p.add_argument("--frozen-dtype", choices=("auto", "fp32"), default="auto",
                    help="vlpet rows: auto stores the frozen backbone in bf16 for bf16 (as `vlpet train` does); "
                         "fp32 keeps plain autocast over fp32 weights")
+    p.add_argument("--memory-budget", type=float, default=None,
+                   help="with --compile: torch._functorch.config.activation_memory_budget (1.0 = save what the "
+                        "default partitioner saves; lower recomputes more to save memory)")
     p.add_argument("--tag", default="", help="appended to the JSON file name (e.g. -compile)")
     p.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="fp32 without TF32 (default: TF32 allowed, as the official scripts run)")
@@ -495,7 +501,11 @@ def main(argv=None) -> int:
     device = B.pick_device(args.device)
     B.cpu_threads_for_tiny(device, args.tiny)
     tf = B.configure_tf32(device, args.tf32)
-    extra = dict(tf, loss_path=args.loss_path, compile=args.compile, frozen_dtype=args.frozen_dtype, tiny=args.tiny, steps=args.steps,
+    if args.memory_budget is not None:
+        import torch._functorch.config as fconfig
+
+        fconfig.activation_memory_budget = args.memory_budget
+    extra = dict(tf, loss_path=args.loss_path, compile=args.compile, memory_budget=args.memory_budget, frozen_dtype=args.frozen_dtype, tiny=args.tiny, steps=args.steps,
                  warmup=args.warmup, text_len=B.TEXT_LEN, vis_feats_shape=[B.GRID, B.FEAT_DIM], visual_tokens=36,
                  target_len=B.TARGET_LEN, clip_norm=CLIP, optimizer="AdamW (fused on CUDA), eps 1e-6, wd 0.01",
                  peak_mem_unit="GiB (2^30 bytes), torch.cuda.max_memory_allocated")

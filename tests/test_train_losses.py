@@ -60,3 +60,12 @@ def test_empty_batch():
     assert nll.shape == (0, 3)
     nll.sum().backward()
     assert x.grad.shape == x.shape
+
+
+def test_compiled_branch_is_the_plain_cross_entropy(monkeypatch):
+    """Inside torch.compile token_nll falls back to F.cross_entropy (inductor fuses it); same numbers."""
+    logits, target = _case(torch.float32)
+    eager, _ = token_nll(logits, target)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled_form, _ = token_nll(logits, target)
+    assert torch.allclose(eager, compiled_form, atol=1e-6)

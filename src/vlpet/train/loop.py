@@ -306,8 +306,10 @@ class Trainer:
             # model.module.train_step, which bypasses DDP and never synchronises, spec §8.4).
             self.forward_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                      find_unused_parameters=needs_unused_parameter_search(self.model))
+        self.loss_terms = task_loss_terms
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
+            self.loss_terms = torch.compile(task_loss_terms)  # fuses the vocabulary-wide log-softmax
         t, n = self.model.parameter_counts()
         self.params = {"trainable": t, "total": n, "percent": 100 * t / n}
 
@@ -506,7 +508,7 @@ class Trainer:
             out = self.forward_model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"],
                                      vis_attention_mask=b.get("vis_attention_mask"), labels=b["target_ids"],
                                      task=batch["task"], return_loss=False)
-            total, count = task_loss_terms(out.logits, b["target_ids"], spec.loss_reduction,
+            total, count = self.loss_terms(out.logits, b["target_ids"], spec.loss_reduction,
                                            b["scores"] if spec.weight_by_score else None, weight)
         # One all-reduce per step: the loss sum, its count (samples, or target tokens for captions) and the
         # number of examples over all ranks. Each rank back-propagates its sum over the *global* count, times W

@@ -33,12 +33,14 @@ class _TokenNLL(torch.autograd.Function):
         chunk = max(1, _CHUNK_ELEMENTS // max(v, 1))
         valid = target.ne(-100)
         safe = torch.where(valid, target, torch.zeros_like(target))
-        lse = torch.cat([torch.logsumexp(logits[s:s + chunk].float(), dim=-1) for s in range(0, n, chunk)]) \
-            if n else logits.new_zeros(0, dtype=torch.float32)
+        # cross_entropy's fused log-softmax kernel gives nll = lse - picked per row in one pass
+        nll = torch.cat([F.cross_entropy(logits[s:s + chunk].float(), safe[s:s + chunk], reduction="none")
+                         for s in range(0, n, chunk)]) if n else logits.new_zeros(0, dtype=torch.float32)
         picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1).float()
+        lse = nll + picked
         ctx.save_for_backward(logits, safe, valid, lse)
         ctx.chunk = chunk
-        return (lse - picked) * valid
+        return nll * valid
 
     @staticmethod
     def backward(ctx, grad_nll: torch.Tensor):
@@ -49,7 +51,7 @@ class _TokenNLL(torch.autograd.Function):
         rows = torch.arange(n, device=logits.device)
         for s in range(0, n, ctx.chunk):
             e = min(n, s + ctx.chunk)
-            p = torch.exp(logits[s:e].float() - lse[s:e, None]).mul_(g[s:e, None])
+            p = logits[s:e].float().sub_(lse[s:e, None]).exp_().mul_(g[s:e, None])  # one fp32 temporary
             p[rows[: e - s], safe[s:e]] -= g[s:e]  # softmax - one-hot, times the incoming gradient
             grad[s:e] = p
         return grad, None
@@ -58,7 +60,11 @@ class _TokenNLL(torch.autograd.Function):
 def token_nll(logits: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token negative log-likelihood [B, T] in fp32 (0 where the target is -100) and the token mask."""
     b, t, v = logits.shape
-    nll = _TokenNLL.apply(logits.reshape(b * t, v), target_ids.reshape(b * t)).view(b, t)
+    if torch.compiler.is_compiling():  # inside torch.compile inductor fuses the plain form better
+        nll = F.cross_entropy(logits.reshape(b * t, v).float(), target_ids.reshape(b * t), ignore_index=-100,
+                              reduction="none").view(b, t)
+    else:
+        nll = _TokenNLL.apply(logits.reshape(b * t, v), target_ids.reshape(b * t)).view(b, t)
     return nll, target_ids.ne(-100)
 
 
