@@ -98,17 +98,27 @@ def plain_optimizer(model: nn.Module, lr: float, device: torch.device):
 
 # -- the step ---------------------------------------------------------------------------------------
 def make_step(model, opt, batch: dict, device, precision: str, loss_path: str, plain: bool, compiled: bool,
-              phases: bool = False):
+              phases: bool = False, compile_mode: str = "default", sdpa_backend: str = "default"):
     """Returns step() -> detached loss. loss_path "labels": labels= go into the HF forward, as
     vlpet.train.loop passes them (so HF also computes its own loss; vlpet rows then take task_loss of the
     logits, plain rows HF's out.loss, as their users do); "decoder-ids": decoder_input_ids from the
     labels go in, and the one loss is task_loss of the logits."""
     from vlpet.train.losses import task_loss
 
-    fwd = torch.compile(model) if compiled else model
+    mode = None if compile_mode == "default" else compile_mode
+    fwd = torch.compile(model, mode=mode) if compiled else model
     # with --compile the loss is compiled too (as `vlpet train --compile` does): inductor fuses the
     # vocabulary-wide log-softmax with the bf16 -> fp32 cast
-    loss_fn = torch.compile(task_loss) if compiled else task_loss
+    loss_fn = torch.compile(task_loss, mode=mode) if compiled else task_loss
+    graphs = compiled and compile_mode == "reduce-overhead"
+    if sdpa_backend == "default":
+        attention = _null
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[sdpa_backend]
+        attention = lambda: sdpa_kernel(backend)  # noqa: E731
     params = [p for g in opt.param_groups for p in g["params"]]
     ids, mask, feats, labels = batch["input_ids"], batch["attention_mask"], batch["vis_feats"], batch["labels"]
     if plain:
@@ -121,7 +131,9 @@ def make_step(model, opt, batch: dict, device, precision: str, loss_path: str, p
     rf = torch.profiler.record_function if phases else (lambda name: _null())
 
     def step():
-        with B.autocast(device, precision):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with attention(), B.autocast(device, precision):
             with rf("bench/forward"):
                 out = fwd(ids, mask, vis_feats=feats, **kw)
             with rf("bench/loss"):
@@ -136,6 +148,20 @@ def make_step(model, opt, batch: dict, device, precision: str, loss_path: str, p
         return loss.detach()
 
     return step
+
+
+def explain_graphs(model, batch, device, precision: str, key: str) -> None:
+    """torch._dynamo.explain of the forward: how many graphs, and why it breaks (printed to stderr)."""
+    dec = model.backbone.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    torch._dynamo.reset()
+    with B.autocast(device, precision):
+        ex = torch._dynamo.explain(model)(batch["input_ids"], batch["attention_mask"], vis_feats=batch["vis_feats"],
+                                          decoder_input_ids=dec, task="vqa")
+    B.log(f"[explain] {key}: {ex.graph_count} graphs, {ex.graph_break_count} breaks")
+    for r in ex.break_reasons[:6]:
+        where = " <- ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in r.user_stack[-3:])
+        B.log(f"[explain]   {str(r.reason)[:300]} @ {where}")
+    torch._dynamo.reset()
 
 
 class _null:
@@ -220,7 +246,10 @@ def run_matrix(args, device, data: dict, writer: B.ResultWriter) -> None:
                     frozen = apply_frozen_dtype(model, plain, args.frozen_dtype, precision)
                     opt = make_opt()
                     B.reset_memory(device)
-                    step = make_step(model, opt, batch, device, precision, args.loss_path, plain, args.compile)
+                    if args.explain and not plain:
+                        explain_graphs(model, batch, device, precision, key)
+                    step = make_step(model, opt, batch, device, precision, args.loss_path, plain, args.compile,
+                                     compile_mode=args.compile_mode, sdpa_backend=args.sdpa_backend)
                     t0 = time.perf_counter()
                     for _ in range(args.warmup):
                         loss = step()
@@ -370,7 +399,8 @@ def run_profile(args, device, folders: list[Path], data: dict) -> None:
     batch = B.random_batch(bsz, device, vocab_of(model, plain), seed=args.seed)
     apply_frozen_dtype(model, plain, args.frozen_dtype, precision)
     opt = make_opt()
-    step = make_step(model, opt, batch, device, precision, args.loss_path, plain, args.compile, phases=True)
+    step = make_step(model, opt, batch, device, precision, args.loss_path, plain, args.compile, phases=True,
+                     compile_mode=args.compile_mode, sdpa_backend=args.sdpa_backend)
     for _ in range(max(args.warmup, 3)):
         step()
     B.sync(device)
@@ -452,6 +482,11 @@ def parse_args(argv=None):
     p.add_argument("--frozen-dtype", choices=("auto", "fp32"), default="auto",
                    help="vlpet rows: auto stores the frozen backbone in bf16 for bf16 (as `vlpet train` does); "
                         "fp32 keeps plain autocast over fp32 weights")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                   default="default", help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
+    p.add_argument("--sdpa-backend", choices=("default", "flash", "efficient", "cudnn", "math"), default="default",
+                   help="force one scaled-dot-product-attention kernel (default: PyTorch's choice)")
+    p.add_argument("--explain", action="store_true", help="print torch._dynamo.explain graph breaks per config")
     p.add_argument("--memory-budget", type=float, default=None,
                    help="with --compile: torch._functorch.config.activation_memory_budget (1.0 = save what the "
                         "default partitioner saves; lower recomputes more to save memory)")
@@ -505,7 +540,8 @@ def main(argv=None) -> int:
         import torch._functorch.config as fconfig
 
         fconfig.activation_memory_budget = args.memory_budget
-    extra = dict(tf, loss_path=args.loss_path, compile=args.compile, memory_budget=args.memory_budget, frozen_dtype=args.frozen_dtype, tiny=args.tiny, steps=args.steps,
+    extra = dict(tf, loss_path=args.loss_path, compile=args.compile, memory_budget=args.memory_budget,
+                 compile_mode=args.compile_mode, sdpa_backend=args.sdpa_backend, frozen_dtype=args.frozen_dtype, tiny=args.tiny, steps=args.steps,
                  warmup=args.warmup, text_len=B.TEXT_LEN, vis_feats_shape=[B.GRID, B.FEAT_DIM], visual_tokens=36,
                  target_len=B.TARGET_LEN, clip_norm=CLIP, optimizer="AdamW (fused on CUDA), eps 1e-6, wd 0.01",
                  peak_mem_unit="GiB (2^30 bytes), torch.cuda.max_memory_allocated")
