@@ -99,7 +99,9 @@ def run(args, device, data: dict, writer: B.ResultWriter) -> None:
                         out_box = {}
 
                         def call():
-                            with B.autocast(device, precision):
+                            from vlpet.backbones.attention import preferred_attention
+
+                            with preferred_attention(args.sdpa), B.autocast(device, precision):
                                 out_box["seqs"] = model.generate(inp["input_ids"], inp["attention_mask"],
                                                                  vis_feats=inp["vis_feats"], task=task, **settings)
 
@@ -214,6 +216,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny architectures, batch 4 (vqa) / 2 (caption): CPU smoke test")
     p.add_argument("--no-tf32", dest="tf32", action="store_false")
+    p.add_argument("--sdpa", choices=("efficient-first", "default"), default="efficient-first",
+                   help="attention kernel order (default: as `vlpet evaluate` runs, efficient-first)")
     p.add_argument("--frozen-dtype", choices=("auto", "fp32"), default="auto",
                    help="auto stores the frozen backbone in bf16 for bf16 (as `vlpet evaluate/predict` do); "
                         "fp32 keeps plain autocast over fp32 weights")
@@ -243,7 +247,7 @@ def main(argv=None) -> int:
     device = B.pick_device(args.device)
     B.cpu_threads_for_tiny(device, args.tiny)
     tf = B.configure_tf32(device, args.tf32)
-    extra = dict(tf, force_length=args.force_length, frozen_dtype=args.frozen_dtype, tiny=args.tiny, steps=args.steps, warmup=args.warmup,
+    extra = dict(tf, force_length=args.force_length, frozen_dtype=args.frozen_dtype, sdpa=args.sdpa, tiny=args.tiny, steps=args.steps, warmup=args.warmup,
                  tasks={t: {k: v for k, v in TASKS[t].items()} for t in args.tasks},
                  vis_feats_shape=[B.GRID, B.FEAT_DIM], peak_mem_unit="GiB (2^30 bytes)")
     env = B.environment(device, extra)

@@ -111,8 +111,12 @@ def make_step(model, opt, batch: dict, device, precision: str, loss_path: str, p
     # vocabulary-wide log-softmax with the bf16 -> fp32 cast
     loss_fn = torch.compile(task_loss, mode=mode) if compiled else task_loss
     graphs = compiled and compile_mode == "reduce-overhead"
-    if sdpa_backend == "default":
-        attention = _null
+    if sdpa_backend == "auto":  # vlpet rows: the trainer's order; plain rows: PyTorch's, as stock users get
+        sdpa_backend = "default" if plain else "efficient-first"
+    if sdpa_backend in ("default", "efficient-first"):
+        from vlpet.backbones.attention import preferred_attention
+
+        attention = lambda: preferred_attention(sdpa_backend)  # noqa: E731
     else:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -138,7 +142,7 @@ def make_step(model, opt, batch: dict, device, precision: str, loss_path: str, p
                 out = fwd(ids, mask, vis_feats=feats, **kw)
             with rf("bench/loss"):
                 loss = out.loss if (plain and loss_path == "labels") else loss_fn(out.logits, labels)
-        with rf("bench/backward"):
+        with rf("bench/backward"), attention():
             loss.backward()
         with rf("bench/clip"):
             torch.nn.utils.clip_grad_norm_(params, CLIP)
@@ -270,6 +274,8 @@ def run_matrix(args, device, data: dict, writer: B.ResultWriter) -> None:
                         "attn_implementation": B.attn_impl(model.hf if plain else model.backbone),
                         "final_loss": round(final_loss, 4), "build_s": round(build_s, 2), "warmup_s": round(warm_s, 2),
                         "plain_transformers": plain, "frozen_dtype": frozen, "compile": args.compile,
+                        "sdpa": ("default" if plain else "efficient-first") if args.sdpa_backend == "auto"
+                        else args.sdpa_backend,
                     }
                     results.setdefault(backbone, {}).setdefault(precision, {})[method] = rec
                     B.log(f"[ok] {ckey}: {rec['step_ms']:.2f} ms/step, {rec['samples_per_s']:.0f} samples/s, "
@@ -484,8 +490,10 @@ def parse_args(argv=None):
                         "fp32 keeps plain autocast over fp32 weights")
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                    default="default", help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
-    p.add_argument("--sdpa-backend", choices=("default", "flash", "efficient", "cudnn", "math"), default="default",
-                   help="force one scaled-dot-product-attention kernel (default: PyTorch's choice)")
+    p.add_argument("--sdpa-backend", choices=("auto", "efficient-first", "default", "flash", "efficient", "cudnn",
+                                              "math"), default="auto",
+                   help="attention kernels: auto (vlpet rows as `vlpet train` runs them, efficient-first; plain rows "
+                        "PyTorch's default), an order, or one forced kernel")
     p.add_argument("--explain", action="store_true", help="print torch._dynamo.explain graph breaks per config")
     p.add_argument("--memory-budget", type=float, default=None,
                    help="with --compile: torch._functorch.config.activation_memory_budget (1.0 = save what the "

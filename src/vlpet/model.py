@@ -276,10 +276,17 @@ class VLModel(nn.Module):
         embeds = torch.cat(parts, dim=1)
         mask = torch.cat(masks, dim=1)
         self.ctx.prompt_len, self.ctx.text_len, self.ctx.mask = prompt_len, length, mask
-        try:
-            enc = self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
-        finally:
+        encoder = self.backbone.get_encoder()
+        if torch.compiler.is_compiling():
+            # No try block while torch.compile traces: a graph break inside one (transformers 5.17's encoder has
+            # a copy.deepcopy) makes dynamo compile every layer as its own graph (17 graphs instead of 2).
+            enc = encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
             self.ctx.text_len, self.ctx.mask = None, None
+        else:
+            try:
+                enc = encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+            finally:
+                self.ctx.text_len, self.ctx.mask = None, None
         return BaseModelOutput(last_hidden_state=enc.last_hidden_state), mask
 
     @contextlib.contextmanager
@@ -301,11 +308,20 @@ class VLModel(nn.Module):
             if decoder_input_ids is None:
                 decoder_input_ids = self.backbone.prepare_decoder_input_ids_from_labels(labels=labels)
             labels = None
-        with self.task_context(task):
+
+        def run():
             enc, mask = self.encode(input_ids, attention_mask, vis_feats, vis_attention_mask, boxes)
             return self.backbone(encoder_outputs=enc, attention_mask=mask, labels=labels,
                                  decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
                                  return_dict=True, **kwargs)
+
+        if torch.compiler.is_compiling():  # no with-block around the backbone while tracing (see encode)
+            old, self.ctx.task = self.ctx.task, task
+            out = run()
+            self.ctx.task = old
+            return out
+        with self.task_context(task):
+            return run()
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, vis_feats=None, vis_attention_mask=None, boxes=None,

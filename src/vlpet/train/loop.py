@@ -36,6 +36,7 @@ from ..checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, lo
 from ..errors import CheckpointError, ConfigError, TrainingError
 from .distributed import (DistInfo, all_reduce_sum, barrier, init_distributed, needs_unused_parameter_search,
                           shutdown_distributed)
+from ..backbones.attention import preferred_attention
 from .evaluate import autocast, collect_gates, evaluate_model, table_row, to_device
 from .losses import task_loss_terms
 from .optim import build_optimizer, build_scheduler
@@ -83,6 +84,8 @@ class TrainConfig:
     num_workers: int = 0
     device: str | None = None
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs (fixed shapes pay off)
+    sdpa: str = "efficient-first"  # attention kernel order (vlpet.backbones.attention); "default": PyTorch's
     frozen_dtype: str = "auto"  # auto: the frozen backbone is stored in bf16 when precision is bf16 (frozen_precision)
     method_overrides: dict = field(default_factory=dict)
     resume: bool = False
@@ -99,6 +102,12 @@ class TrainConfig:
         from ..frozen_precision import resolve_frozen_dtype
 
         resolve_frozen_dtype(self.frozen_dtype, self.precision)  # a clear error before anything is written
+        from ..backbones.attention import preferred_attention
+
+        preferred_attention(self.sdpa)
+        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
+            raise ConfigError(f"--compile-mode {self.compile_mode!r}: expected default, reduce-overhead or "
+                              f"max-autotune-no-cudagraphs")
         if self.grad_accum < 1:
             raise ConfigError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         # 0 would silently mean "the preset's default" (or an empty run) further down: refuse it here
@@ -308,8 +317,9 @@ class Trainer:
                                      find_unused_parameters=needs_unused_parameter_search(self.model))
         self.loss_terms = task_loss_terms
         if cfg.compile:
-            self.forward_model = torch.compile(self.forward_model)
-            self.loss_terms = torch.compile(task_loss_terms)  # fuses the vocabulary-wide log-softmax
+            mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+            self.forward_model = torch.compile(self.forward_model, mode=mode)
+            self.loss_terms = torch.compile(task_loss_terms, mode=mode)  # fuses the vocabulary-wide log-softmax
         t, n = self.model.parameter_counts()
         self.params = {"trainable": t, "total": n, "percent": 100 * t / n}
 
@@ -504,7 +514,9 @@ class Trainer:
         spec = self.specs[batch["task"]]
         b = to_device(batch, self.device)
         weight = b.get("example_weight")  # only on a zero-weight padding shard (vlpet.data.sampler)
-        with autocast(self.device, cfg.precision):
+        if cfg.compile and cfg.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
+        with preferred_attention(cfg.sdpa), autocast(self.device, cfg.precision):
             out = self.forward_model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"],
                                      vis_attention_mask=b.get("vis_attention_mask"), labels=b["target_ids"],
                                      task=batch["task"], return_loss=False)
@@ -525,7 +537,8 @@ class Trainer:
                                 f"in {self.out / 'checkpoint'} is kept (try a lower --lr or --precision fp32)")
         self.step_examples = int(round(g_n))
         loss = total * (self.dist.world_size / max(g_count, 1.0))
-        self.scaler.scale(loss / cfg.grad_accum).backward()
+        with preferred_attention(cfg.sdpa):
+            self.scaler.scale(loss / cfg.grad_accum).backward()
         self.micro_step += 1
         if self.micro_step % cfg.grad_accum == 0 or self.micro_step >= self.total_micro_steps:
             self.scaler.unscale_(self.optimizer)
@@ -542,15 +555,20 @@ class Trainer:
     def evaluate_split(self, split: str, model=None, desc: str = "") -> dict[str, dict[str, float]]:
         cfg = self.cfg
         model = model or self.model
-        scores, preds = evaluate_model(model, self.tokenizer, cfg.data_root, self.tasks, split, self.specs,
+        with preferred_attention(cfg.sdpa):
+            scores, preds = self._evaluate(model, split, desc)
+        self.model.train()
+        self.last_predictions = preds
+        return scores
+
+    def _evaluate(self, model, split: str, desc: str):
+        cfg = self.cfg
+        return evaluate_model(model, self.tokenizer, cfg.data_root, self.tasks, split, self.specs,
                                        feat_dim=self.feat_dim, feature_dirname=cfg.feature_dirname,
                                        batch_sizes=self.eval_batch, device=self.device, precision=cfg.precision,
                                        limit=cfg.limit_eval, caption_metrics=cfg.caption_metrics,
                                        progress=cfg.progress, desc=desc, skip_missing=True,
                                        mask_padded_frames=self.mask_padded_frames)
-        self.model.train()
-        self.last_predictions = preds
-        return scores
 
     def _validate(self, epoch: int) -> None:
         if not self.dist.is_main:

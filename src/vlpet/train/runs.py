@@ -66,6 +66,12 @@ def _specs(tasks, model, run: dict):
                              caption_no_repeat_ngram_size=run.get("caption_no_repeat_ngram_size", 0)) for t in tasks}
 
 
+def preferred_attention():
+    from ..backbones.attention import preferred_attention as pick
+
+    return pick("efficient-first")
+
+
 def _match_training_precision(model, precision: str) -> None:
     """bf16 evaluation stores the frozen backbone in bf16, as bf16 training does (--frozen-dtype auto)."""
     from ..frozen_precision import resolve_frozen_dtype
@@ -100,13 +106,14 @@ def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbon
         model = _load(folder, backbone, dev)
         _match_training_precision(model, precision)
         t, n = model.parameter_counts()
-        scores, _ = evaluate_model(model, model.tokenizer, data_root, tasks, split, _specs(tasks, model, run),
-                                   feat_dim=model.visual_config.feat_dim, feature_dirname=feature_dirname,
-                                   batch_sizes={k: batch_size for k in tasks}, device=dev, precision=precision,
-                                   limit=limit, caption_metrics=tuple(caption_metrics or run.get("caption_metrics",
-                                                                 ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"))),
-                                   progress=progress, desc=f"{label} ", skip_missing=True,
-                                   mask_padded_frames=_mask_frames(run, unmasked_frames))
+        with preferred_attention():
+            scores, _ = evaluate_model(model, model.tokenizer, data_root, tasks, split, _specs(tasks, model, run),
+                                       feat_dim=model.visual_config.feat_dim, feature_dirname=feature_dirname,
+                                       batch_sizes={k: batch_size for k in tasks}, device=dev, precision=precision,
+                                       limit=limit, caption_metrics=tuple(caption_metrics or run.get("caption_metrics",
+                                                                     ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"))),
+                                       progress=progress, desc=f"{label} ", skip_missing=True,
+                                       mask_padded_frames=_mask_frames(run, unmasked_frames))
         entry = {"adapter": str(folder), "method": model.method.name, "params_percent": 100 * t / n, "scores": scores}
         done = [k for k in tasks if k in scores]
         if done:
@@ -152,7 +159,8 @@ def predict_checkpoint(checkpoint, data_root, task, output, split="test", backbo
                        feature_dirname=feature_dirname or run.get("feature_dirname", "data_clip_RN101_att"),
                        limit=limit, mask_padded_frames=_mask_frames(run, unmasked_frames))
     loader = TaskBatchLoader(ds, batch_size, shuffle=False, pad_id=model.tokenizer.pad_token_id, task=task)
-    result = predict_task(model, loader, spec, model.tokenizer, dev, precision, progress=progress)
+    with preferred_attention():
+        result = predict_task(model, loader, spec, model.tokenizer, dev, precision, progress=progress)
     preds = result["predictions"]
     out = Path(output)
     if task in VIDEO_TASKS:  # VALUE's submission format; a folder gets VALUE's file name
