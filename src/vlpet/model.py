@@ -308,6 +308,9 @@ class VLModel(nn.Module):
             if decoder_input_ids is None:
                 decoder_input_ids = self.backbone.prepare_decoder_input_ids_from_labels(labels=labels)
             labels = None
+        # A teacher-forced forward needs no KV cache; building one costs time, and in transformers 5.17 its
+        # constructor (a config deepcopy) breaks torch.compile's graph. Generation passes its own.
+        kwargs.setdefault("use_cache", False)
 
         def run():
             enc, mask = self.encode(input_ids, attention_mask, vis_feats, vis_attention_mask, boxes)
