@@ -34,7 +34,9 @@ def test_token_nll_equals_cross_entropy(monkeypatch, dtype, chunk_elements):
     assert torch.allclose(nll.double(), ref, rtol=1e-6, atol=1e-5)
     assert (nll[0, 2] == 0) and (nll[0, -1] == 0)
     w = torch.linspace(0.5, 2.0, 7).view(1, 7)  # a non-uniform incoming gradient
+    before = x.detach().clone()
     (nll * w).sum().backward()
+    assert torch.equal(x.detach(), before)  # the backward never writes into the logits
     (ref * w.double()).sum().backward()
     assert x.grad.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the gradient is rounded once, at the end

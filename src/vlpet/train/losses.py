@@ -51,7 +51,9 @@ class _TokenNLL(torch.autograd.Function):
         rows = torch.arange(n, device=logits.device)
         for s in range(0, n, ctx.chunk):
             e = min(n, s + ctx.chunk)
-            p = logits[s:e].float().sub_(lse[s:e, None]).exp_().mul_(g[s:e, None])  # one fp32 temporary
+            # one fp32 temporary (copy=True: for fp32 logits .float() would alias them and the in-place ops
+            # below would overwrite the caller's logits)
+            p = logits[s:e].to(torch.float32, copy=True).sub_(lse[s:e, None]).exp_().mul_(g[s:e, None])
             p[rows[: e - s], safe[s:e]] -= g[s:e]  # softmax - one-hot, times the incoming gradient
             grad[s:e] = p
         return grad, None
