@@ -89,6 +89,9 @@ def card_name(device: torch.device) -> tuple[str, str]:
 
 
 def git_commit() -> str:
+    # VLPET_COMMIT first: the lent GPU machine's copy carries stale git metadata (HEAD of an older commit)
+    if os.environ.get("VLPET_COMMIT"):
+        return os.environ["VLPET_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10).stdout.strip()
@@ -98,7 +101,7 @@ def git_commit() -> str:
             return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("VLPET_COMMIT") or "unknown"
+    return "unknown"
 
 
 def environment(device: torch.device, extra: dict | None = None) -> dict:
