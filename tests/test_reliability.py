@@ -441,6 +441,9 @@ OPTION_CASES = {
     "resume-without-run": ({"--resume": None}, ["--resume", "holds no run"]),
     "zero-epochs": ({"--epochs": "0"}, ["--epochs", "positive integer, got 0"]),
     "lr-not-finite": ({"--lr": "nan"}, ["--lr", "positive finite number, got nan"]),
+    "memory-budget-without-compile": ({"--memory-budget": "0.5"}, ["--memory-budget", "needs --compile"]),
+    "memory-budget-out-of-range": ({"--memory-budget": "1.5", "--compile": None}, ["--memory-budget", "(0, 1]"]),
+    "frozen-bf16-with-fp32": ({"--frozen-dtype": "bf16"}, ["--frozen-dtype bf16", "needs --precision bf16"]),
 }
 
 

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                    default=None, help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
+    p.add_argument("--memory-budget", type=float, default=None,
+                   help="with --compile: activation memory budget in (0, 1] (lower recomputes more, saves memory)")
     p.add_argument("--sdpa", choices=("efficient-first", "default"), default=None,
                    help="attention kernel order (default efficient-first: faster than cuDNN's at the VL encoder's "
                         "short padded sequences; default = PyTorch's own choice)")
@@ -232,7 +234,7 @@ def cmd_presets(a) -> int:
 TRAIN_KEYS = ("backbone", "method", "data_root", "tasks", "output", "epochs", "batch_size", "max_steps", "lr", "seed",
               "precision", "grad_accum", "feat_dim", "feature_dirname", "visual_pool", "official_gqa_typo", "official_ln_decay",
               "caption_no_repeat_ngram_size", "caption_metrics", "limit_train", "limit_eval", "save_every_steps",
-              "eval_every_epoch", "eval_test", "num_workers", "device", "compile", "compile_mode", "frozen_dtype", "sdpa", "resume", "overwrite", "progress",
+              "eval_every_epoch", "eval_test", "num_workers", "device", "compile", "compile_mode", "memory_budget", "frozen_dtype", "sdpa", "resume", "overwrite", "progress",
               "mask_padded_frames")
 
 

@@ -85,6 +85,7 @@ class TrainConfig:
     device: str | None = None
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs (fixed shapes pay off)
+    memory_budget: float | None = None  # with compile: activation memory budget in (0, 1]; lower recomputes more
     sdpa: str = "efficient-first"  # attention kernel order (vlpet.backbones.attention); "default": PyTorch's
     frozen_dtype: str = "auto"  # auto: the frozen backbone is stored in bf16 when precision is bf16 (frozen_precision)
     method_overrides: dict = field(default_factory=dict)
@@ -108,6 +109,11 @@ class TrainConfig:
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
             raise ConfigError(f"--compile-mode {self.compile_mode!r}: expected default, reduce-overhead or "
                               f"max-autotune-no-cudagraphs")
+        if self.memory_budget is not None:
+            if not (isinstance(self.memory_budget, (int, float)) and 0 < self.memory_budget <= 1):
+                raise ConfigError(f"--memory-budget must be in (0, 1], got {self.memory_budget!r}")
+            if not self.compile:
+                raise ConfigError("--memory-budget needs --compile (it steers the compiled backward's recomputation)")
         if self.grad_accum < 1:
             raise ConfigError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         # 0 would silently mean "the preset's default" (or an empty run) further down: refuse it here
@@ -318,6 +324,12 @@ class Trainer:
         self.loss_terms = task_loss_terms
         if cfg.compile:
             mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+            if cfg.memory_budget is not None:
+                import torch._functorch.config as functorch_config
+
+                # 1.0 saves what the default partitioner saves; lower trades recomputation for activation memory
+                # (H100, VL-BART-base vl-pet-large, batch 500: 0.4 gave 5.46 GiB at 55.3 ms vs 8.68 GiB at 47.5 ms)
+                functorch_config.activation_memory_budget = cfg.memory_budget
             self.forward_model = torch.compile(self.forward_model, mode=mode)
             self.loss_terms = torch.compile(task_loss_terms, mode=mode)  # fuses the vocabulary-wide log-softmax
         t, n = self.model.parameter_counts()
