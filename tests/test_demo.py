@@ -5,6 +5,7 @@ evaluation, the table, results.json and the PNGs."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,16 @@ def test_quick_demo_writes_table_json_and_plots(tmp_path, capsys):
         data = (out / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, png
 
-    # the tuning actually learned something: the training loss fell
+    # the tuning actually learned something: the training loss fell, and the test accuracy beats
+    # always giving the most frequent answer of the test questions (counted here from the test file)
     log = [json.loads(line) for line in (out / "runs" / "vl-pet-large" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss/vqa"] for r in log if "loss/vqa" in r]
     assert len(losses) >= 3 and losses[-1] < losses[0]
+    test_questions = json.loads((Path(results["data_root"]) / "vqa" / "karpathy_test.json").read_text())
+    answers = Counter(max(q["label"], key=q["label"].get) for q in test_questions)
+    majority = 100.0 * answers.most_common(1)[0][1] / len(test_questions)
+    assert results["baselines"]["vqa_majority"]["accuracy"] == pytest.approx(majority)
+    assert row["vqa"] > majority, (row["vqa"], majority, answers)
 
     # the data really is the VL-Adapter layout the readers use, with features for every image
     data_root = results["data_root"]

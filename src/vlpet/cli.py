@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_tasks, default=None, help="comma-separated list instead of --compare's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="a tiny version (a few dozen images, tiny model): seconds")
+    p.add_argument("--quick", action="store_true", help="a tiny version (a few dozen images, tiny model): about a minute")
     p.add_argument("--cache", default=None, help="cache folder for data, features and the pretrained PLM "
                                                  "(default $VLPET_CACHE or ~/.cache/vlpet)")
     p.add_argument("--no-progress", action="store_true")

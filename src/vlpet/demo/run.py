@@ -37,25 +37,28 @@ class DemoSettings:
     n_val_images: int = 100
     n_test_images: int = 400
     nlvr_sets_per_image: float = 0.125  # ~1,000 training statements
-    pretrain_budget_s: float = 150.0
+    max_questions_per_image: int | None = 4  # easy-VQA questions kept per image (None: all, ~9.6)
     epochs: int = 20
-    max_steps: int | None = 700  # the tuning budget (optimizer steps), the same for every method
+    max_steps: int | None = 1200  # the tuning budget (optimizer steps), the same for every method
     batch_size: int = 32  # VQA batch; NLVR2 and captions scale as in the paper (x20/60, x50/60)
     visual_pool: int = 3  # 7x7 grid -> 3x3 visual tokens (the paper's 6x6 costs 4x the CPU time)
     lr_scale: float = 3.0  # the tiny PLM and short budget take a larger step than BART-base's recipe
     plm_model: dict | None = None
-    plm_train: dict | None = None
-    plm_max_steps: int | None = None
+    # PLM pretraining: a fixed number of steps (90 copy warm-up + 300 denoising), never a time
+    # budget, so that the same seed gives the same PLM, and the same scores, on any machine
+    plm_train: dict | None = dataclasses.field(default_factory=lambda: {"copy_warmup_steps": 90})
+    plm_max_steps: int = 300
     limit_eval: int | None = None
 
 
 QUICK = DemoSettings(n_train_images=24, n_val_images=8, n_test_images=12, nlvr_sets_per_image=0.125,
-                     pretrain_budget_s=5.0, epochs=50, max_steps=150, batch_size=8,
-                     plm_model={"d_model": 64, "encoder_layers": 1, "decoder_layers": 1,
+                     max_questions_per_image=None, epochs=50, max_steps=600, batch_size=8, lr_scale=10.0,
+                     plm_model={"d_model": 96, "encoder_layers": 2, "decoder_layers": 2,
                                 "encoder_attention_heads": 2, "decoder_attention_heads": 2,
-                                "encoder_ffn_dim": 128, "decoder_ffn_dim": 128},
-                     plm_train={"vocab_size": 600, "english_max_chars": 60_000, "batch_size": 8},
-                     plm_max_steps=30)
+                                "encoder_ffn_dim": 192, "decoder_ffn_dim": 192},
+                     plm_train={"vocab_size": 600, "english_max_chars": 60_000, "batch_size": 8,
+                                "copy_warmup_steps": 200},
+                     plm_max_steps=200)
 
 
 def _say(msg: str) -> None:
@@ -71,8 +74,11 @@ def prepare_data(root: Path, s: DemoSettings, seed: int) -> Path:
     from ..features.extract import extract_features
     from .build_data import build_demo_data
 
-    key = json.dumps({"v": DATA_VERSION, "n": [s.n_train_images, s.n_val_images, s.n_test_images],
-                      "nlvr": s.nlvr_sets_per_image, "seed": seed})
+    key = {"v": DATA_VERSION, "n": [s.n_train_images, s.n_val_images, s.n_test_images],
+           "nlvr": s.nlvr_sets_per_image, "seed": seed}
+    if s.max_questions_per_image != 4:  # the key of the 4-question data sets stays as it was
+        key["max_q"] = s.max_questions_per_image
+    key = json.dumps(key)
     data_root = root / f"demo-data-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     done = data_root / ".complete"
     if not done.exists():
@@ -80,7 +86,7 @@ def prepare_data(root: Path, s: DemoSettings, seed: int) -> Path:
         tmp = data_root.with_name(data_root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         build_demo_data(tmp, s.n_train_images, s.n_test_images, seed, n_val_images=s.n_val_images,
-                        nlvr_sets_per_image=s.nlvr_sets_per_image)
+                        nlvr_sets_per_image=s.nlvr_sets_per_image, max_questions_per_image=s.max_questions_per_image)
         shutil.rmtree(data_root, ignore_errors=True)
         os.replace(tmp, data_root)
         images = json.loads((data_root / "images.json").read_text())
@@ -148,6 +154,17 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def vqa_majority_baseline(data_root: str | os.PathLike) -> dict:
+    """Accuracy in % of always giving the most frequent answer of the easy-VQA test questions
+    (their 10 answers agree, so VQA accuracy is exact match): the bar any method must clear."""
+    from collections import Counter
+
+    records = json.loads((Path(data_root) / "vqa" / "karpathy_test.json").read_text())
+    counts = Counter(max(r["label"], key=r["label"].get) for r in records)
+    answer, n = counts.most_common(1)[0]
+    return {"answer": answer, "accuracy": 100.0 * n / max(1, len(records)), "n_questions": len(records)}
+
+
 def summarize(results: dict[str, dict]) -> tuple[list[dict], str]:
     rows = []
     for name, r in results.items():
@@ -194,8 +211,8 @@ def run_demo(output="vlpet-demo", method="vl-pet-large", compare=False, methods=
 
     t0 = time.time()
     _say("pretraining (or reusing) the demo PLM: " + PLM_NOTE)
-    plm = pretrain_demo_plm(root, budget_s=s.pretrain_budget_s, seed=seed, progress=progress,
-                            model_config=s.plm_model, train_config=s.plm_train, max_steps=s.plm_max_steps)
+    plm = pretrain_demo_plm(root, seed=seed, progress=progress, model_config=s.plm_model,
+                            train_config=s.plm_train, max_steps=s.plm_max_steps)
     t_plm = time.time() - t0
 
     results = {}
@@ -203,6 +220,9 @@ def run_demo(output="vlpet-demo", method="vl-pet-large", compare=False, methods=
         _say(f"tuning the frozen PLM with {n} on {', '.join(DEMO_TASKS)}")
         results[n] = train_one(n, Path(plm), data_root, out / "runs" / n, s, seed, progress)
     rows, table = summarize(results)
+    majority = vqa_majority_baseline(data_root)
+    note = (f"easy-VQA majority baseline: always \"{majority['answer']}\" scores {majority['accuracy']:.2f} "
+            f"on the {majority['n_questions']} test questions")
     from ..train.plots import plot_score_vs_params
 
     plots = out / "plots"
@@ -220,12 +240,14 @@ def run_demo(output="vlpet-demo", method="vl-pet-large", compare=False, methods=
         "seconds": {"data_and_features": round(t_data, 1), "pretraining": round(t_plm, 1),
                     "total": round(time.time() - t_start, 1)},
         "methods": {r["method"]: r for r in rows},
+        "baselines": {"vqa_majority": majority},
     }
     atomic_write_json(out / "results.json", summary)
-    (out / "results.md").write_text(table + "\n")
+    (out / "results.md").write_text(table + "\n\n" + note + "\n")
     print()
     print(table)
     print()
+    _say(note)
     _say(PLM_NOTE)
     _say(f"done in {summary['seconds']['total']:.0f} s; results in {out / 'results.json'}, plots in {plots}")
     return summary
