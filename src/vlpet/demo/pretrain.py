@@ -17,9 +17,10 @@ Recipe (all seeded)
     demo sentences are repeated in the BPE training text so that both halves weigh the same as in
     the training mix (then 56 of the 58 demo words are single tokens; "colors" and "neither" are
     two). ``add_prefix_space``: a text's first word gets the token it has inside a sentence
-    ("yes" -> "Ġyes"), so the bare answers that VQA and NLVR targets are made of ("yes", "circle",
-    "true") are whole, well-trained tokens; without it (tokenizer v1) "circle" was "c"+"ir"+"cle"
-    and "blue" "b"+"l"+"ue", tokens the frozen decoder had hardly ever produced, and the PET
+    ("circle" -> "Ġcircle"), so the bare answers that VQA and NLVR targets are made of are the
+    well-trained in-sentence tokens (one token each for the 11 shape/colour answers, "no", "true"
+    and "false"; "yes", absent from the training text, is "Ġy"+"es"); without it (tokenizer v1)
+    "circle" was "c"+"ir"+"cle" and "blue" "b"+"l"+"ue", tokens the frozen decoder had hardly ever produced, and the PET
     methods that keep the decoder frozen could not learn to emit them. Saved as ``vocab.json`` +
     ``merges.txt`` (plus ``tokenizer.json`` and ``tokenizer_config.json``):
     ``BartTokenizerFast.from_pretrained(folder)`` and ``AutoTokenizer.from_pretrained(folder)``

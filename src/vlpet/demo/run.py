@@ -45,7 +45,7 @@ class DemoSettings:
     lr_scale: float = 3.0  # the tiny PLM and short budget take a larger step than BART-base's recipe
     plm_model: dict | None = None
     # PLM pretraining: a fixed number of steps (90 copy warm-up + 300 denoising), never a time
-    # budget, so that the same seed gives the same PLM, and the same scores, on any machine
+    # budget, so that the same seed gives the same PLM on any machine (up to floating-point rounding)
     plm_train: dict | None = dataclasses.field(default_factory=lambda: {"copy_warmup_steps": 90})
     plm_max_steps: int = 300
     limit_eval: int | None = None
