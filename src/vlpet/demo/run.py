@@ -69,7 +69,7 @@ def cache_root(cache: str | os.PathLike | None) -> Path:
     return Path(cache or os.environ.get("VLPET_CACHE") or Path.home() / ".cache" / "vlpet")
 
 
-def prepare_data(root: Path, s: DemoSettings, seed: int) -> Path:
+def prepare_data(root: Path, s: DemoSettings, seed: int, progress: bool = True) -> Path:
     """Build (or reuse) the demo data set and its EfficientNet-Lite0 features; returns the data root."""
     from ..features.extract import extract_features
     from .build_data import build_demo_data
@@ -94,7 +94,7 @@ def prepare_data(root: Path, s: DemoSettings, seed: int) -> Path:
         shared = root / "features-efficientnet-lite0"
         _say(f"extracting EfficientNet-Lite0 grid features of {len(images)} images (real ImageNet weights; "
              f"cached in {shared})")
-        summary = extract_features(images, shared, encoder="efficientnet-lite0")
+        summary = extract_features(images, shared, encoder="efficientnet-lite0", progress=progress)
         _say(f"features: {summary.get('n_written', 0)} computed, {summary.get('n_cached', 0)} from the cache")
         # Both tasks' feature folders point at it (the NLVR2-like task reads the same images).
         for task_dir in ("COCO", "nlvr"):
@@ -204,7 +204,7 @@ def run_demo(output="vlpet-demo", method="vl-pet-large", compare=False, methods=
         get_preset(n)  # unknown names fail before any work
     _say(f"output {out.resolve()} | cache {root} | methods {', '.join(names)} | seed {seed}")
     t0 = time.time()
-    data_root = prepare_data(root, s, seed)
+    data_root = prepare_data(root, s, seed, progress)
     t_data = time.time() - t0
 
     from .pretrain import PLM_NOTE, pretrain_demo_plm
