@@ -332,6 +332,17 @@ def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def report_title(kind: str, env: dict) -> str:
+    return (f"### {kind} — {env['card']} · {env['date']} · commit {env['commit']} · torch {env['torch']} · "
+            f"transformers {env['transformers']}")
+
+
+def error_lines(data: dict) -> list[str]:
+    if not data["errors"]:
+        return []
+    return ["", "errors / skipped:"] + [f"- {k}: {v}" for k, v in data["errors"].items()]
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     def cell(v):
         if v is None:

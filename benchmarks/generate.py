@@ -76,9 +76,9 @@ def run(args, device, data: dict, writer: B.ResultWriter) -> None:
             eos = hf.generation_config.eos_token_id
             eos = eos[0] if isinstance(eos, (list, tuple)) else eos
             for precision in args.precisions:
-                from vlpet.frozen_precision import resolve_frozen_dtype
+                from vlpet.frozen_precision import apply_frozen_dtype
 
-                model.set_frozen_dtype(resolve_frozen_dtype(args.frozen_dtype, precision))
+                apply_frozen_dtype(model, args.frozen_dtype, precision)
                 for task in args.tasks:
                     ckey = f"{backbone}/{precision}/{task}/{method}"
                     if deadline.passed():
@@ -170,8 +170,7 @@ def targets(rat: dict) -> list[dict]:
 
 def markdown(data: dict) -> str:
     env = data["meta"]
-    parts = [f"### generate — {env['card']} · {env['date']} · commit {env['commit']} · torch {env['torch']} · "
-             f"transformers {env['transformers']}",
+    parts = [B.report_title("generate", env),
              f"forced length {env['force_length']}, TF32 {env['tf32']}, steps {env['steps']} after {env['warmup']} "
              f"warm-up{', TINY smoke-test shapes' if env['tiny'] else ''}; 'floor' = the plain backbone "
              f"(same VL model, no PET module)", ""]
@@ -194,8 +193,7 @@ def markdown(data: dict) -> str:
     if rrows:
         parts += ["", B.md_table(["backbone", "precision", "task", "vl-pet-large/plain batch ms (target <= 1.1)",
                                   "per token", "peak mem"], rrows)]
-    if data["errors"]:
-        parts += ["", "errors / skipped:"] + [f"- {k}: {v}" for k, v in data["errors"].items()]
+    parts += B.error_lines(data)
     return "\n".join(parts)
 
 

@@ -359,8 +359,7 @@ def targets(results: dict, rat: dict, device, tiny: bool) -> list[dict]:
 # -- report -----------------------------------------------------------------------------------------
 def markdown(data: dict) -> str:
     env = data["meta"]
-    parts = [f"### train_step — {env['card']} · {env['date']} · commit {env['commit']} · torch {env['torch']} · "
-             f"transformers {env['transformers']} · peft {env['peft']}",
+    parts = [B.report_title("train_step", env) + f" · peft {env['peft']}",
              f"loss path `{env['loss_path']}`, compile {env['compile']}, frozen dtype {env.get('frozen_dtype')}, TF32 {env['tf32']} "
              f"(float32 matmul precision `{env['float32_matmul_precision']}`), steps {env['steps']} "
              f"after {env['warmup']} warm-up{', TINY smoke-test shapes' if env['tiny'] else ''}", ""]
@@ -388,8 +387,7 @@ def markdown(data: dict) -> str:
         parts += ["", B.md_table(["target", "backbone", "precision", "value", "limit", "met"],
                                  [[t["target"], t["backbone"], t["precision"], t["value"], f"{t['op']} {t['limit']}",
                                    "yes" if t["met"] else "NO"] for t in data["targets"]])]
-    if data["errors"]:
-        parts += ["", "errors / skipped:"] + [f"- {k}: {v}" for k, v in data["errors"].items()]
+    parts += B.error_lines(data)
     if data.get("profile"):
         parts += ["", f"profile: {data['profile']}"]
     return "\n".join(parts)

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from vlpet.data import make_image_text_fixture  # noqa: E402
 from vlpet.data.features import write_h5_features  # noqa: E402
 from vlpet.errors import CheckpointError  # noqa: E402
+from vlpet.rng import fork_rng  # noqa: E402
 
 TASKS = "vqa,gqa,nlvr"  # 3 + 4 + 6 = 13 steps per epoch at --batch-size 2 on the fixture
 STEPS_PER_EPOCH = 13
@@ -74,12 +75,8 @@ def _save_bart(folder: Path, tok, d_model: int = FEAT, layers: int = 1) -> Path:
         decoder_ffn_dim=2 * d_model, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id,
         forced_bos_token_id=None, forced_eos_token_id=None)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
+    with fork_rng(0):
         transformers.BartForConditionalGeneration(cfg).save_pretrained(folder)
-    finally:
-        torch.random.set_rng_state(state)
     tok.save_pretrained(folder)
     return folder
 
@@ -89,12 +86,8 @@ def _save_t5(folder: Path) -> Path:
 
     cfg = transformers.T5Config(vocab_size=128, d_model=FEAT, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
                                 num_heads=4, decoder_start_token_id=0)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
+    with fork_rng(0):
         transformers.T5ForConditionalGeneration(cfg).save_pretrained(folder)
-    finally:
-        torch.random.set_rng_state(state)
     return folder
 
 

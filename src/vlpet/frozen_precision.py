@@ -45,36 +45,37 @@ def _keep_input_dtype(module: nn.Module, args: tuple, output):
     return None
 
 
-def is_norm_module(m: nn.Module) -> bool:
-    name = type(m).__name__
-    return isinstance(m, nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm", "BiasedNorm"))
+def _norm_like(m: nn.Module) -> bool:
+    from .model import _BiasedNorm, _is_norm  # a BitFit bias after a T5 norm is part of that norm
+
+    return _is_norm(m) or isinstance(m, _BiasedNorm)
+
+
+def apply_frozen_dtype(model: nn.Module, choice: str, precision: str) -> None:
+    """`set_frozen_dtype` with the dtype that `--frozen-dtype CHOICE` gives for `--precision PRECISION`."""
+    set_frozen_dtype(model, resolve_frozen_dtype(choice, precision))
 
 
 @torch.no_grad()
-def set_frozen_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+def set_frozen_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast every frozen floating parameter and buffer of `model.backbone` to `dtype` (in place, keeping
     tied parameters tied) and, for a low-precision dtype, make the backbone's norms return their input's
-    dtype. Returns the number of tensors cast. Casting back to fp32 is allowed (the values stay rounded)."""
+    dtype. Casting back to fp32 is allowed (the values stay rounded); fp32 on an fp32 model changes nothing."""
     backbone = model.backbone
-    n = 0
     # A norm with a trainable bias next to a frozen weight (BitFit, LoRA rows) keeps both in fp32: norms
     # are tiny, and a norm kernel takes one dtype for its weight and bias.
-    keep = {id(p) for m in backbone.modules() if is_norm_module(m) and any(q.requires_grad for q in m.parameters())
+    keep = {id(p) for m in backbone.modules() if _norm_like(m) and any(q.requires_grad for q in m.parameters())
             for p in m.parameters()}
     for p in backbone.parameters():  # unique Parameters: a tied embedding / LM head is cast once
         if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and id(p) not in keep:
             p.data = p.data.to(dtype)
-            n += 1
     for mod in backbone.modules():
         for name, b in list(mod._buffers.items()):
             if b is not None and b.is_floating_point() and b.dtype != dtype:
                 mod._buffers[name] = b.to(dtype)
-                n += 1
     for h in getattr(model, "_norm_dtype_hooks", []):
         h.remove()
     model._norm_dtype_hooks = []
     if dtype in LOW_PRECISION:
         model._norm_dtype_hooks = [m.register_forward_hook(_keep_input_dtype)
-                                   for m in backbone.modules() if is_norm_module(m)]
-    model.frozen_dtype = dtype
-    return n
+                                   for m in backbone.modules() if _norm_like(m)]

@@ -200,12 +200,12 @@ class VLModel(nn.Module):
         for m in self._pet_modules:
             m.requires_grad_(True)
 
-    def set_frozen_dtype(self, dtype: torch.dtype) -> int:
+    def set_frozen_dtype(self, dtype: torch.dtype) -> None:
         """Store the frozen backbone tensors in `dtype` (bf16 for bf16 training; see vlpet.frozen_precision).
         Call after the trainable set is final (it decides what counts as frozen)."""
         from .frozen_precision import set_frozen_dtype
 
-        return set_frozen_dtype(self, dtype)
+        set_frozen_dtype(self, dtype)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) over unique parameters: the paper's Params % definition (spec §2.3)."""

@@ -34,9 +34,10 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, load_trainable, save_adapter
 from ..errors import CheckpointError, ConfigError, TrainingError
+from ..backbones.attention import preferred_attention
+from ..frozen_precision import apply_frozen_dtype, resolve_frozen_dtype
 from .distributed import (DistInfo, all_reduce_sum, barrier, init_distributed, needs_unused_parameter_search,
                           shutdown_distributed)
-from ..backbones.attention import preferred_attention
 from .evaluate import autocast, collect_gates, evaluate_model, table_row, to_device
 from .losses import task_loss_terms
 from .optim import build_optimizer, build_scheduler
@@ -100,11 +101,7 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite conflict: resume continues the run in --output, "
                               "overwrite deletes it")
-        from ..frozen_precision import resolve_frozen_dtype
-
-        resolve_frozen_dtype(self.frozen_dtype, self.precision)  # a clear error before anything is written
-        from ..backbones.attention import preferred_attention
-
+        resolve_frozen_dtype(self.frozen_dtype, self.precision)  # clear errors before anything is written
         preferred_attention(self.sdpa)
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
             raise ConfigError(f"--compile-mode {self.compile_mode!r}: expected default, reduce-overhead or "
@@ -291,11 +288,7 @@ class Trainer:
             visual = dataclasses.replace(visual, pool_side=cfg.visual_pool)
         self.model = VLModel(base, method, visual, backbone_name=cfg.backbone,
                              tokenizer=self.tokenizer, seed=cfg.seed).to(self.device)
-        from ..frozen_precision import resolve_frozen_dtype
-
-        frozen = resolve_frozen_dtype(cfg.frozen_dtype, cfg.precision)
-        if frozen != torch.float32:
-            self.model.set_frozen_dtype(frozen)
+        apply_frozen_dtype(self.model, cfg.frozen_dtype, cfg.precision)
         self.feat_dim = feat_dim
         pad = self.tokenizer.pad_token_id
         self.loaders = {t: TaskBatchLoader(ds, sizes[t], seed=cfg.seed, pad_id=pad, task=t)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from ..backbones.attention import preferred_attention
 from ..checkpoint import CONFIG_NAME, atomic_write_bytes, atomic_write_json
 from ..errors import CheckpointError, ConfigError
+from ..frozen_precision import apply_frozen_dtype
 from .evaluate import evaluate_model, predict_task, table_row
 
 ALL_TASKS = ("vqa", "gqa", "nlvr", "caption")
@@ -66,21 +68,6 @@ def _specs(tasks, model, run: dict):
                              caption_no_repeat_ngram_size=run.get("caption_no_repeat_ngram_size", 0)) for t in tasks}
 
 
-def preferred_attention():
-    from ..backbones.attention import preferred_attention as pick
-
-    return pick("efficient-first")
-
-
-def _match_training_precision(model, precision: str) -> None:
-    """bf16 evaluation stores the frozen backbone in bf16, as bf16 training does (--frozen-dtype auto)."""
-    from ..frozen_precision import resolve_frozen_dtype
-
-    dtype = resolve_frozen_dtype("auto", precision)
-    if dtype != torch.float32:
-        model.set_frozen_dtype(dtype)
-
-
 def _device(device):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -104,7 +91,7 @@ def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbon
     results, lines = {}, []
     for label, folder in folders:
         model = _load(folder, backbone, dev)
-        _match_training_precision(model, precision)
+        apply_frozen_dtype(model, "auto", precision)  # bf16 evaluation stores it as bf16 training does
         t, n = model.parameter_counts()
         with preferred_attention():
             scores, _ = evaluate_model(model, model.tokenizer, data_root, tasks, split, _specs(tasks, model, run),
@@ -153,7 +140,7 @@ def predict_checkpoint(checkpoint, data_root, task, output, split="test", backbo
     task = canonical_task(task)
     dev = _device(device)
     model = _load(folder, backbone or run.get("backbone"), dev)
-    _match_training_precision(model, precision)
+    apply_frozen_dtype(model, "auto", precision)
     spec = _specs((task,), model, run)[task]
     ds = build_dataset(task, split, data_root, model.tokenizer, spec=spec, feat_dim=model.visual_config.feat_dim,
                        feature_dirname=feature_dirname or run.get("feature_dirname", "data_clip_RN101_att"),
