@@ -1,0 +1,158 @@
+"""Sweep of `vlpet demo` settings (issue 5): which settings move easy-VQA accuracy, and on which questions.
+
+Each configuration is one demo tuning run (the same code path as `vlpet demo`: data set, EfficientNet-Lite0
+features and PLM from the demo cache, then `vlpet.demo.run.train_one`) with some `DemoSettings` fields
+changed. Configurations run as parallel subprocesses (on a GPU machine they share the card; on a CPU they
+share the cores). The shared pieces (data sets, features, PLM) are built once first.
+
+    python benchmarks/demo_sweep.py --cache DIR --out OUT [--only base,p1qA2000,...] [--parallel 4] [--quick]
+
+Prints one line per finished run (overall easy-VQA accuracy, its yes/no and other parts, the pair task and
+CIDEr) and a Markdown table last; writes OUT/demo_sweep.json (rewritten after every run). `--quick` uses
+the QUICK settings of the test suite (a smoke test of this script, not a measurement). Scores of a GPU
+run differ slightly from a CPU run of the same settings (floating-point order, and a PLM pretrained on
+another machine's Python has another corpus); compare within one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> (method, DemoSettings overrides); "qA" = every easy-VQA question of an image (~9.6), else 4
+CONFIGS: dict[str, tuple[str, dict]] = {
+    "base": ("vl-pet-large", {}),
+    "p1q4s1800": ("vl-pet-large", {"visual_pool": 1, "max_steps": 1800}),
+    "p3qA1200": ("vl-pet-large", {"max_questions_per_image": None}),
+    "p1qA1200": ("vl-pet-large", {"visual_pool": 1, "max_questions_per_image": None}),
+    "p3qA2000": ("vl-pet-large", {"max_questions_per_image": None, "max_steps": 2000}),
+    "p1qA2000": ("vl-pet-large", {"visual_pool": 1, "max_questions_per_image": None, "max_steps": 2000}),
+    "p2qA2000": ("vl-pet-large", {"visual_pool": 2, "max_questions_per_image": None, "max_steps": 2000}),
+    "p1qA3000": ("vl-pet-large", {"visual_pool": 1, "max_questions_per_image": None, "max_steps": 3000}),
+    "p3qA2000lr6": ("vl-pet-large", {"max_questions_per_image": None, "max_steps": 2000, "lr_scale": 6.0}),
+    "p1qA2000lr6": ("vl-pet-large", {"visual_pool": 1, "max_questions_per_image": None, "max_steps": 2000,
+                                     "lr_scale": 6.0}),
+    "full-p3qA1200": ("full", {"max_questions_per_image": None}),
+    "full-p1qA2000": ("full", {"visual_pool": 1, "max_questions_per_image": None, "max_steps": 2000}),
+}
+
+
+def _settings(quick: bool, overrides: dict):
+    from vlpet.demo import run as demo
+
+    return dataclasses.replace(demo.QUICK if quick else demo.DemoSettings(), **overrides)
+
+
+def run_one(name: str, cache: Path, out: Path, runs: Path, quick: bool) -> None:
+    import torch
+
+    from vlpet.demo import run as demo
+    from vlpet.demo.pretrain import pretrain_demo_plm
+
+    method, overrides = CONFIGS[name]
+    s = _settings(quick, overrides)
+    data_root = demo.prepare_data(cache, s, 0, progress=False)
+    plm = pretrain_demo_plm(cache, seed=0, progress=False, model_config=s.plm_model, train_config=s.plm_train,
+                            max_steps=s.plm_max_steps)
+    t0 = time.time()
+    r = demo.train_one(method, Path(plm), data_root, runs / name, s, 0, progress=False)
+    test = r["test"]["last"]
+    res = {"name": name, "method": method, "settings": overrides, "train_seconds": round(time.time() - t0, 1),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "params_percent": r["params"]["percent"],
+           "test": {t: {k: v for k, v in d.items() if isinstance(v, (int, float))} for t, d in test.items()},
+           "vqa_majority": demo.vqa_majority_baseline(data_root)}
+    (out / f".{name}.json").write_text(json.dumps(res, indent=1))
+
+
+def _line(r: dict) -> list:
+    v, t = r["test"].get("vqa", {}), r["test"]
+    return [r["name"], r["method"], json.dumps(r["settings"]), v.get("accuracy"), v.get("accuracy/yes/no"),
+            v.get("accuracy/other"), t.get("nlvr", {}).get("accuracy"), t.get("caption", {}).get("CIDEr"),
+            r["train_seconds"]]
+
+
+def _fmt(x) -> str:
+    return f"{x:.2f}" if isinstance(x, float) else str(x)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", required=True, type=Path, help="demo cache folder (data, features, PLM)")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "demo-sweep")))
+    ap.add_argument("--runs", type=Path, default=None, help="run folders (default OUT/runs)")
+    ap.add_argument("--only", default="", help=f"comma-separated names, in this order; known: {', '.join(CONFIGS)}")
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--child-threads", type=int, default=None, help="torch CPU threads of each run")
+    ap.add_argument("--quick", action="store_true", help="QUICK settings: a smoke test of the script")
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    runs = a.runs or a.out / "runs"
+    if a.one:
+        run_one(a.one, a.cache, a.out, runs, a.quick)
+        return 0
+    names = [n.strip() for n in a.only.split(",") if n.strip()] if a.only else list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"--only: unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    a.out.mkdir(parents=True, exist_ok=True)
+
+    from vlpet.demo.pretrain import pretrain_demo_plm
+    from vlpet.demo import run as demo
+
+    t0 = time.time()
+    for q in {CONFIGS[n][1].get("max_questions_per_image", 4) for n in names}:
+        s = _settings(a.quick, {"max_questions_per_image": q})
+        demo.prepare_data(a.cache, s, 0, progress=False)
+    s = _settings(a.quick, {})
+    pretrain_demo_plm(a.cache, seed=0, progress=False, model_config=s.plm_model, train_config=s.plm_train,
+                      max_steps=s.plm_max_steps)
+    print(f"shared data, features and PLM ready in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    env = dict(os.environ)
+    if a.child_threads:
+        env["OMP_NUM_THREADS"] = str(a.child_threads)
+    cmd = [sys.executable, __file__, "--cache", str(a.cache), "--out", str(a.out), "--runs", str(runs)]
+    cmd += ["--quick"] if a.quick else []
+    results, failed, pending, running = {}, {}, list(names), []
+    while pending or running:
+        while pending and len(running) < max(1, a.parallel):
+            n = pending.pop(0)
+            log = open(a.out / f".{n}.log", "w")
+            running.append((n, log, subprocess.Popen(cmd + ["--one", n], stdout=log, stderr=subprocess.STDOUT,
+                                                     env=env)))
+        time.sleep(1)
+        for item in list(running):
+            n, log, p = item
+            if p.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            res_file = a.out / f".{n}.json"
+            if p.returncode == 0 and res_file.exists():
+                results[n] = json.loads(res_file.read_text())
+                res_file.unlink()
+                row = _line(results[n])
+                print(f"[done] {n}: vqa {_fmt(row[3])} (yes/no {_fmt(row[4])}, other {_fmt(row[5])}), "
+                      f"pair {_fmt(row[6])}, CIDEr {_fmt(row[7])}, {row[8]} s", file=sys.stderr, flush=True)
+            else:
+                tail = (a.out / f".{n}.log").read_text()[-2000:]
+                failed[n] = f"exit {p.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"
+                print(f"[failed] {n}: see {a.out / f'.{n}.log'}\n{tail}", file=sys.stderr, flush=True)
+            (a.out / "demo_sweep.json").write_text(json.dumps({"results": results, "failed": failed}, indent=1))
+    head = ["config", "method", "settings", "easy-VQA", "yes/no", "other", "pair T/F", "CIDEr", "train s"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for n in names:
+        if n in results:
+            print("| " + " | ".join(_fmt(x) for x in _line(results[n])) + " |")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""benchmarks/demo_sweep.py: its configurations are valid demo settings and bad names fail clearly."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from vlpet.demo.run import DemoSettings
+from vlpet.presets import get_preset
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_sweep.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("demo_sweep", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_configuration_is_a_demo_setting_and_a_preset():
+    mod = _load()
+    fields = {f.name for f in dataclasses.fields(DemoSettings)}
+    for name, (method, overrides) in mod.CONFIGS.items():
+        assert set(overrides) <= fields, name
+        s = dataclasses.replace(DemoSettings(), **overrides)
+        for k, v in overrides.items():
+            assert getattr(s, k) == v
+        get_preset(method)  # raises on an unknown method
+
+
+def test_unknown_configuration_is_rejected_by_name(tmp_path, capsys):
+    mod = _load()
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), "--only", "base,nope"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--only" in err and "nope" in err and "base" in err
+    assert not (tmp_path / "o").exists()  # nothing built or written before the check
