@@ -32,11 +32,11 @@ Image ids and pools
     EfficientNet-Lite0 grid features (``vlpet.features.extract_features``) ran at 60 images/s on
     2 pinned cores of an Intel Xeon but at 14 images/s on the shared 2-core development machine,
     so 1,500 images cost 25 s to ~2 min; the PLM pretraining takes ~2.7 min; the rest goes to
-    PET training and evaluation, whose cost grows with the pools (at the defaults: 1,595 test
-    VQA questions, 1,600 NLVR test statements and 400 test captions to generate). Training draws
-    a fixed number of steps, so more training images mostly add variety: easy-VQA has only
-    3 shapes x 8 colours x 9 positions x 2 sizes, and 1,000 images cover every combination
-    several times.
+    PET training and evaluation, whose cost grows with the pools (with the demo's settings:
+    3,919 test VQA questions — every question of the 400 test images; 1,595 with 4 per image —
+    1,600 NLVR test statements and 400 test captions to generate). Training draws a fixed number
+    of steps, so more training images mostly add variety: easy-VQA has only 3 shapes x 8 colours
+    x 9 positions x 2 sizes, and 1,000 images cover every combination several times.
 
 Facts per image (:mod:`vlpet.demo.facts`)
   * shape and colour come from the image's own easy-VQA questions: an answer that is a shape or
