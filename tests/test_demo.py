@@ -46,6 +46,13 @@ def test_quick_demo_writes_table_json_and_plots(tmp_path, capsys):
     majority = 100.0 * answers.most_common(1)[0][1] / len(test_questions)
     assert results["baselines"]["vqa_majority"]["accuracy"] == pytest.approx(majority)
     assert row["vqa"] > majority, (row["vqa"], majority, answers)
+    # the yes/no and other parts of the accuracy recombine to it, weighted by the test file's counts
+    n_yes_no = sum(max(q["label"], key=q["label"].get) in ("yes", "no") for q in test_questions)
+    n_other = len(test_questions) - n_yes_no
+    assert (n_yes_no * row["vqa_yes_no"] + n_other * row["vqa_other"]) / len(test_questions) == pytest.approx(row["vqa"])
+    prior = results["baselines"]["vqa_template_prior"]
+    assert prior["n_yes_no"] == n_yes_no and 0.0 <= prior["accuracy_yes_no"] <= 100.0
+    assert "| question-only prior |" in (out / "results.md").read_text()
 
     # the data really is the VL-Adapter layout the readers use, with features for every image
     data_root = results["data_root"]

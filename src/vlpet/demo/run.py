@@ -167,6 +167,42 @@ def vqa_majority_baseline(data_root: str | os.PathLike) -> dict:
     return {"answer": answer, "accuracy": 100.0 * n / max(1, len(records)), "n_questions": len(records)}
 
 
+def _fmt_score(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _template(question: str) -> str:
+    from .facts import COLORS, SHAPES
+
+    words = question.strip().lower().replace("?", " ?").split()
+    return " ".join("<color>" if w in COLORS else "<shape>" if w in SHAPES else w for w in words)
+
+
+def vqa_template_prior(data_root: str | os.PathLike) -> dict:
+    """Accuracy in % of answering each test question with the most frequent *training* answer of its
+    question template (the question with its colour and shape words blanked), overall and on the
+    yes/no questions: what a model scores that reads the question and never the image."""
+    from collections import Counter, defaultdict
+
+    vqa = Path(data_root) / "vqa"
+    train = json.loads((vqa / "karpathy_train.json").read_text())
+    test = json.loads((vqa / "karpathy_test.json").read_text())
+    by_template: dict[str, Counter] = defaultdict(Counter)
+    for r in train:
+        by_template[_template(r["sent"])][max(r["label"], key=r["label"].get)] += 1
+    prior = {t: c.most_common(1)[0][0] for t, c in by_template.items()}
+    hits = {"all": [0, 0], "yes/no": [0, 0]}
+    for r in test:
+        gold = max(r["label"], key=r["label"].get)
+        ok = prior.get(_template(r["sent"])) == gold
+        for k in ("all", "yes/no") if gold in ("yes", "no") else ("all",):
+            hits[k][0] += ok
+            hits[k][1] += 1
+    pct = lambda h: 100.0 * h[0] / max(1, h[1])  # noqa: E731
+    return {"accuracy": pct(hits["all"]), "accuracy_yes_no": pct(hits["yes/no"]), "n_questions": hits["all"][1],
+            "n_yes_no": hits["yes/no"][1]}
+
+
 def summarize(results: dict[str, dict]) -> tuple[list[dict], str]:
     rows = []
     for name, r in results.items():
@@ -174,6 +210,8 @@ def summarize(results: dict[str, dict]) -> tuple[list[dict], str]:
         row = {"method": name, "params_percent": round(r["params"]["percent"], 3),
                "trainable": r["params"]["trainable"], "total": r["params"]["total"],
                "vqa": test.get("vqa", {}).get("accuracy"), "nlvr": test.get("nlvr", {}).get("accuracy"),
+               "vqa_yes_no": test.get("vqa", {}).get("accuracy/yes/no"),
+               "vqa_other": test.get("vqa", {}).get("accuracy/other"),
                "nlvr_consistency": test.get("nlvr", {}).get("consistency"),
                "caption": test.get("caption", {}).get("CIDEr"), "caption_bleu4": test.get("caption", {}).get("BLEU-4"),
                "train_seconds": round(r["train_seconds"], 1)}
@@ -182,7 +220,7 @@ def summarize(results: dict[str, dict]) -> tuple[list[dict], str]:
         rows.append(row)
     lines = ["| Method | Params % | easy-VQA acc | pair T/F acc | caption CIDEr | Avg | train time |",
              "|---|---|---|---|---|---|---|"]
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    fmt = _fmt_score
     for r in rows:
         lines.append(f"| {r['method']} | {r['params_percent']:.2f} | {fmt(r['vqa'])} | {fmt(r['nlvr'])} | "
                      f"{fmt(r['caption'])} | {fmt(r['avg'])} | {r['train_seconds']:.0f} s |")
@@ -223,8 +261,15 @@ def run_demo(output="vlpet-demo", method="vl-pet-large", compare=False, methods=
         results[n] = train_one(n, Path(plm), data_root, out / "runs" / n, s, seed, progress)
     rows, table = summarize(results)
     majority = vqa_majority_baseline(data_root)
+    prior = vqa_template_prior(data_root)
     note = (f"easy-VQA majority baseline: always \"{majority['answer']}\" scores {majority['accuracy']:.2f} "
-            f"on the {majority['n_questions']} test questions")
+            f"on the {majority['n_questions']} test questions; the question-only prior (each question "
+            f"template's most frequent training answer) scores {prior['accuracy']:.2f} "
+            f"({prior['accuracy_yes_no']:.2f} on the {prior['n_yes_no']} yes/no questions)")
+    by_type = ["| Method | easy-VQA yes/no | easy-VQA other |", "|---|---|---|"]
+    by_type += [f"| {r['method']} | {_fmt_score(r['vqa_yes_no'])} | {_fmt_score(r['vqa_other'])} |" for r in rows]
+    by_type += [f"| question-only prior | {prior['accuracy_yes_no']:.2f} | - |"]
+    table = table + "\n\n" + "\n".join(by_type)
     from ..train.plots import plot_score_vs_params
 
     plots = out / "plots"
@@ -242,7 +287,7 @@ def run_demo(output="vlpet-demo", method="vl-pet-large", compare=False, methods=
         "seconds": {"data_and_features": round(t_data, 1), "pretraining": round(t_plm, 1),
                     "total": round(time.time() - t_start, 1)},
         "methods": {r["method"]: r for r in rows},
-        "baselines": {"vqa_majority": majority},
+        "baselines": {"vqa_majority": majority, "vqa_template_prior": prior},
     }
     atomic_write_json(out / "results.json", summary)
     (out / "results.md").write_text(table + "\n\n" + note + "\n")
