@@ -72,6 +72,13 @@ class ImageFacts:
 # ------------------------------------------------------------------------------------------------
 # facts from questions
 # ------------------------------------------------------------------------------------------------
+def question_template(question: str) -> str:
+    """The question with its colour and shape words blanked ("is there a <color> shape ?"): the part of
+    a question a model that never looks at the image can read."""
+    words = question.strip().lower().replace("?", " ?").split()
+    return " ".join("<color>" if w in COLORS else "<shape>" if w in SHAPES else w for w in words)
+
+
 def question_polarity(question: str) -> bool:
     """True for an affirmative yes/no template ("is there a red shape?"), False for a negated one
     ("is there not a red shape?", "does the image not contain ...", "is no red shape present?")."""

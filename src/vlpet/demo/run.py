@@ -156,54 +156,48 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _gold_answers(data_root: str | os.PathLike, split: str) -> list[tuple[str, str]]:
+    """(question, answer) of every easy-VQA record of a split (its 10 answers agree, so the top label)."""
+    records = json.loads((Path(data_root) / "vqa" / f"karpathy_{split}.json").read_text())
+    return [(r["sent"], max(r["label"], key=r["label"].get)) for r in records]
+
+
 def vqa_majority_baseline(data_root: str | os.PathLike) -> dict:
     """Accuracy in % of always giving the most frequent answer of the easy-VQA test questions
-    (their 10 answers agree, so VQA accuracy is exact match): the bar any method must clear."""
+    (VQA accuracy is exact match here): the bar any method must clear."""
     from collections import Counter
 
-    records = json.loads((Path(data_root) / "vqa" / "karpathy_test.json").read_text())
-    counts = Counter(max(r["label"], key=r["label"].get) for r in records)
-    answer, n = counts.most_common(1)[0]
-    return {"answer": answer, "accuracy": 100.0 * n / max(1, len(records)), "n_questions": len(records)}
+    test = _gold_answers(data_root, "test")
+    answer, n = Counter(a for _, a in test).most_common(1)[0]
+    return {"answer": answer, "accuracy": 100.0 * n / max(1, len(test)), "n_questions": len(test)}
+
+
+def vqa_template_prior(data_root: str | os.PathLike) -> dict:
+    """Accuracy in % of answering each test question with the most frequent *training* answer of its
+    question template (vlpet.demo.facts.question_template), overall and on the yes/no questions: what a
+    model scores that reads the question and never the image."""
+    from collections import Counter, defaultdict
+
+    from .facts import question_template
+
+    by_template: dict[str, Counter] = defaultdict(Counter)
+    for q, a in _gold_answers(data_root, "train"):
+        by_template[question_template(q)][a] += 1
+    prior = {t: c.most_common(1)[0][0] for t, c in by_template.items()}
+    test = [(prior.get(question_template(q)) == a, a in ("yes", "no")) for q, a in _gold_answers(data_root, "test")]
+    yes_no = [ok for ok, yn in test if yn]
+    pct = lambda hits: 100.0 * sum(hits) / max(1, len(hits))  # noqa: E731
+    return {"accuracy": pct([ok for ok, _ in test]), "accuracy_yes_no": pct(yes_no), "n_questions": len(test),
+            "n_yes_no": len(yes_no)}
 
 
 def _fmt_score(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def _template(question: str) -> str:
-    from .facts import COLORS, SHAPES
-
-    words = question.strip().lower().replace("?", " ?").split()
-    return " ".join("<color>" if w in COLORS else "<shape>" if w in SHAPES else w for w in words)
-
-
-def vqa_template_prior(data_root: str | os.PathLike) -> dict:
-    """Accuracy in % of answering each test question with the most frequent *training* answer of its
-    question template (the question with its colour and shape words blanked), overall and on the
-    yes/no questions: what a model scores that reads the question and never the image."""
-    from collections import Counter, defaultdict
-
-    vqa = Path(data_root) / "vqa"
-    train = json.loads((vqa / "karpathy_train.json").read_text())
-    test = json.loads((vqa / "karpathy_test.json").read_text())
-    by_template: dict[str, Counter] = defaultdict(Counter)
-    for r in train:
-        by_template[_template(r["sent"])][max(r["label"], key=r["label"].get)] += 1
-    prior = {t: c.most_common(1)[0][0] for t, c in by_template.items()}
-    hits = {"all": [0, 0], "yes/no": [0, 0]}
-    for r in test:
-        gold = max(r["label"], key=r["label"].get)
-        ok = prior.get(_template(r["sent"])) == gold
-        for k in ("all", "yes/no") if gold in ("yes", "no") else ("all",):
-            hits[k][0] += ok
-            hits[k][1] += 1
-    pct = lambda h: 100.0 * h[0] / max(1, h[1])  # noqa: E731
-    return {"accuracy": pct(hits["all"]), "accuracy_yes_no": pct(hits["yes/no"]), "n_questions": hits["all"][1],
-            "n_yes_no": hits["yes/no"][1]}
-
-
-def summarize(results: dict[str, dict]) -> tuple[list[dict], str]:
+def summarize(results: dict[str, dict], prior: dict | None = None) -> tuple[list[dict], str]:
+    """One row per method run, and the Markdown tables: the paper's Table 2 layout, then easy-VQA by
+    question type (with the question-only prior ``prior`` of :func:`vqa_template_prior` when given)."""
     rows = []
     for name, r in results.items():
         test = r.get("test", {}).get("last", {})
@@ -224,6 +218,10 @@ def summarize(results: dict[str, dict]) -> tuple[list[dict], str]:
     for r in rows:
         lines.append(f"| {r['method']} | {r['params_percent']:.2f} | {fmt(r['vqa'])} | {fmt(r['nlvr'])} | "
                      f"{fmt(r['caption'])} | {fmt(r['avg'])} | {r['train_seconds']:.0f} s |")
+    lines += ["", "| Method | easy-VQA yes/no | easy-VQA other |", "|---|---|---|"]
+    lines += [f"| {r['method']} | {fmt(r['vqa_yes_no'])} | {fmt(r['vqa_other'])} |" for r in rows]
+    if prior is not None:
+        lines.append(f"| question-only prior | {prior['accuracy_yes_no']:.2f} | - |")
     return rows, "\n".join(lines)
 
 
@@ -259,17 +257,13 @@ def run_demo(output="vlpet-demo", method="vl-pet-large", compare=False, methods=
     for n in names:
         _say(f"tuning the frozen PLM with {n} on {', '.join(DEMO_TASKS)}")
         results[n] = train_one(n, Path(plm), data_root, out / "runs" / n, s, seed, progress)
-    rows, table = summarize(results)
     majority = vqa_majority_baseline(data_root)
     prior = vqa_template_prior(data_root)
+    rows, table = summarize(results, prior)
     note = (f"easy-VQA majority baseline: always \"{majority['answer']}\" scores {majority['accuracy']:.2f} "
             f"on the {majority['n_questions']} test questions; the question-only prior (each question "
             f"template's most frequent training answer) scores {prior['accuracy']:.2f} "
             f"({prior['accuracy_yes_no']:.2f} on the {prior['n_yes_no']} yes/no questions)")
-    by_type = ["| Method | easy-VQA yes/no | easy-VQA other |", "|---|---|---|"]
-    by_type += [f"| {r['method']} | {_fmt_score(r['vqa_yes_no'])} | {_fmt_score(r['vqa_other'])} |" for r in rows]
-    by_type += [f"| question-only prior | {prior['accuracy_yes_no']:.2f} | - |"]
-    table = table + "\n\n" + "\n".join(by_type)
     from ..train.plots import plot_score_vs_params
 
     plots = out / "plots"
