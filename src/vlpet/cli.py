@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "batches of one process with B")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    p.add_argument("--lr-schedule", choices=("linear", "constant"), default=None,
+                   help="after the warm-up: linear decay to 0 (default, the paper's) or a constant lr")
+    p.add_argument("--warmup-ratio", type=float, default=None,
+                   help="share of the steps with a linearly rising lr, in [0, 1) (default 0.1)")
     p.add_argument("--seed", type=int, default=None, help="default 42; fixes init, dropout, answer sampling, "
                                                           "task order and data order")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default fp32")
@@ -231,7 +235,8 @@ def cmd_presets(a) -> int:
     return 0
 
 
-TRAIN_KEYS = ("backbone", "method", "data_root", "tasks", "output", "epochs", "batch_size", "max_steps", "lr", "seed",
+TRAIN_KEYS = ("backbone", "method", "data_root", "tasks", "output", "epochs", "batch_size", "max_steps", "lr",
+              "lr_schedule", "warmup_ratio", "seed",
               "precision", "grad_accum", "feat_dim", "feature_dirname", "visual_pool", "official_gqa_typo", "official_ln_decay",
               "caption_no_repeat_ngram_size", "caption_metrics", "limit_train", "limit_eval", "save_every_steps",
               "eval_every_epoch", "eval_test", "num_workers", "device", "compile", "compile_mode", "memory_budget", "frozen_dtype", "sdpa", "resume", "overwrite", "progress",

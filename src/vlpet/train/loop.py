@@ -40,7 +40,7 @@ from .distributed import (DistInfo, all_reduce_sum, barrier, init_distributed, n
                           shutdown_distributed)
 from .evaluate import autocast, collect_gates, evaluate_model, table_row, to_device
 from .losses import task_loss_terms
-from .optim import build_optimizer, build_scheduler
+from .optim import LR_SCHEDULES, build_optimizer, build_scheduler
 
 STATE_NAME = "trainer_state.pt"
 IMAGE_TASKS = ("vqa", "gqa", "nlvr", "caption")
@@ -66,6 +66,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int | None = None
     warmup_ratio: float = 0.1
+    lr_schedule: str = "linear"  # after the warm-up: "linear" decay to 0 (spec §4.1) or "constant"
     clip_norm: float = 5.0
     weight_decay: float = 0.01
     official_ln_decay: bool = False
@@ -111,6 +112,10 @@ class TrainConfig:
                 raise ConfigError(f"--memory-budget must be in (0, 1], got {self.memory_budget!r}")
             if not self.compile:
                 raise ConfigError("--memory-budget needs --compile (it steers the compiled backward's recomputation)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.grad_accum < 1:
             raise ConfigError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         # 0 would silently mean "the preset's default" (or an empty run) further down: refuse it here
@@ -304,7 +309,8 @@ class Trainer:
             total_micro = min(total_micro, cfg.max_steps * cfg.grad_accum)
         self.total_micro_steps = total_micro
         self.optimizer = build_optimizer(self.model, self.lr, cfg.weight_decay, official_ln_decay=cfg.official_ln_decay)
-        self.scheduler = build_scheduler(self.optimizer, math.ceil(total_micro / cfg.grad_accum), cfg.warmup_ratio)
+        self.scheduler = build_scheduler(self.optimizer, math.ceil(total_micro / cfg.grad_accum), cfg.warmup_ratio,
+                                         cfg.lr_schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and self.device.type == "cuda")
         self.forward_model = self.model
         if self.dist.enabled:

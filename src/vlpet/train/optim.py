@@ -44,8 +44,17 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, eps
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=eps, **kwargs)
 
 
-def build_scheduler(optimizer, total_steps: int, warmup_ratio: float = 0.1):
-    from transformers import get_linear_schedule_with_warmup
+LR_SCHEDULES = ("linear", "constant")
+
+
+def build_scheduler(optimizer, total_steps: int, warmup_ratio: float = 0.1, schedule: str = "linear"):
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0 (spec §4.1, "linear")
+    or a constant learning rate ("constant")."""
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
     warmup = int(total_steps * warmup_ratio)
+    if schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    if schedule != "linear":
+        raise ValueError(f"lr schedule {schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
     return get_linear_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
