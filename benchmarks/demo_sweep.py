@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-# name -> (method, DemoSettings overrides); "q4" = 4 easy-VQA questions per image (the demo's default until
+# name -> (method, overrides: DemoSettings fields, plus "tasks", "seed" and "train" = TrainConfig fields); "q4" = 4 easy-VQA questions per image (the demo's default until
 # commit e3b1b8d, when this sweep ran), "qA" = every question (~9.6, the default since); "p<k>" = k x k tokens
 CONFIGS: dict[str, tuple[str, dict]] = {
     "base": ("vl-pet-large", {"max_questions_per_image": 4}),
@@ -41,7 +41,60 @@ CONFIGS: dict[str, tuple[str, dict]] = {
                                      "lr_scale": 6.0}),
     "full-p3qA1200": ("full", {"max_questions_per_image": None}),
     "full-p1qA2000": ("full", {"visual_pool": 1, "max_questions_per_image": None, "max_steps": 2000}),
+    # 2026-11-26 (defaults then: p3, qA, batch 32, 1,200 steps): the learning-rate schedule, smaller batches
+    # with more steps, and which other task slows VQA down ("tasks"); "c" = constant lr after the warm-up
+    "c1200": ("vl-pet-large", {"train": {"lr_schedule": "constant"}}),
+    "s2400": ("vl-pet-large", {"max_steps": 2400}),
+    "bs16s2400": ("vl-pet-large", {"batch_size": 16, "max_steps": 2400}),
+    "bs16s2400c": ("vl-pet-large", {"batch_size": 16, "max_steps": 2400, "train": {"lr_schedule": "constant"}}),
+    "p1bs16s2400c": ("vl-pet-large", {"visual_pool": 1, "batch_size": 16, "max_steps": 2400,
+                                      "train": {"lr_schedule": "constant"}}),
+    "bs8s4800c": ("vl-pet-large", {"batch_size": 8, "max_steps": 4800, "train": {"lr_schedule": "constant"}}),
+    "lr6c1200": ("vl-pet-large", {"lr_scale": 6.0, "train": {"lr_schedule": "constant"}}),
+    "vqa1200": ("vl-pet-large", {"tasks": ("vqa",)}),
+    "vqacap1200": ("vl-pet-large", {"tasks": ("vqa", "caption")}),
+    "vqanlvr1200": ("vl-pet-large", {"tasks": ("vqa", "nlvr")}),
+    # how many examples the yes/no questions need: more steps, or larger batches (x2, x4) at the same steps
+    "s3600": ("vl-pet-large", {"max_steps": 3600}),
+    "s4800": ("vl-pet-large", {"max_steps": 4800}),
+    "bs64s1200": ("vl-pet-large", {"batch_size": 64}),
+    "bs64s1200lr6": ("vl-pet-large", {"batch_size": 64, "lr_scale": 6.0}),
+    "bs64s2400": ("vl-pet-large", {"batch_size": 64, "max_steps": 2400}),
+    "bs128s1200": ("vl-pet-large", {"batch_size": 128}),
+    "p2bs64s1800": ("vl-pet-large", {"visual_pool": 2, "batch_size": 64, "max_steps": 1800}),
+    "full-s2400": ("full", {"max_steps": 2400}),
+    "vqa2400": ("vl-pet-large", {"tasks": ("vqa",), "max_steps": 2400}),
+    "p1q4vqa1200": ("vl-pet-large", {"visual_pool": 1, "max_questions_per_image": 4, "tasks": ("vqa",)}),
+    "p3q4vqa1200": ("vl-pet-large", {"max_questions_per_image": 4, "tasks": ("vqa",)}),
+    "p1vqa1200": ("vl-pet-large", {"visual_pool": 1, "tasks": ("vqa",)}),
+    # a PLM pretrained longer (denoising steps), the PET learning rate, other PET methods at 2,400 steps
+    "plm600s1200": ("vl-pet-large", {"plm_max_steps": 600}),
+    "plm600s2400": ("vl-pet-large", {"plm_max_steps": 600, "max_steps": 2400}),
+    "plm1200s1200": ("vl-pet-large", {"plm_max_steps": 1200}),
+    "plm1200s2400": ("vl-pet-large", {"plm_max_steps": 1200, "max_steps": 2400}),
+    "lr1s2400": ("vl-pet-large", {"lr_scale": 1.0, "max_steps": 2400}),
+    "lr1s1200": ("vl-pet-large", {"lr_scale": 1.0}),
+    "lora-s2400": ("lora", {"max_steps": 2400}),
+    "vl-adapter-s2400": ("vl-adapter", {"max_steps": 2400}),
+    "middlex-s2400": ("vl-pet-middlex", {"max_steps": 2400}),
+    "full-s1200": ("full", {}),
+    # the tuning seed (module init and batch order; data and PLM stay those of seed 0)
+    **{f"seed{k}s1200": ("vl-pet-large", {"seed": k}) for k in (1, 2, 3)},
+    **{f"seed{k}s2400": ("vl-pet-large", {"seed": k, "max_steps": 2400}) for k in (1, 2, 3)},
+    **{f"full-seed{k}s2400": ("full", {"seed": k, "max_steps": 2400}) for k in (1, 2)},
 }
+
+
+def split_overrides(overrides: dict) -> tuple[dict, dict]:
+    """A configuration's overrides -> (DemoSettings fields, train_one keywords): "tasks" (a subset of the
+    demo's), "seed" (the tuning seed; data and PLM stay seed 0's) and "train" (TrainConfig fields) go to
+    ``vlpet.demo.run.train_one``, everything else is a DemoSettings field."""
+    from vlpet.demo import run as demo
+
+    fields = {k: v for k, v in overrides.items() if k not in ("tasks", "seed", "train")}
+    extra = {"tasks": tuple(overrides.get("tasks", demo.DEMO_TASKS)), "seed": overrides.get("seed", 0),
+             **overrides.get("train", {})}
+    return fields, extra
 
 
 def _settings(quick: bool, overrides: dict):
@@ -67,9 +120,11 @@ def run_one(name: str, cache: Path, out: Path, runs: Path, quick: bool) -> None:
     from vlpet.demo import run as demo
 
     method, overrides = CONFIGS[name]
-    s = _settings(quick, overrides)
+    fields, extra = split_overrides(overrides)
+    s = _settings(quick, fields)
     data_root, plm = _shared(cache, s)
-    r = demo.train_one(method, plm, data_root, runs / name, s, 0, progress=False)
+    seed = extra.pop("seed")
+    r = demo.train_one(method, plm, data_root, runs / name, s, seed, progress=False, **extra)
     (row,), _ = demo.summarize({method: r})  # the demo's own row: scores, per-type split, train time
     res = {"name": name, "settings": overrides, **row,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -108,8 +163,16 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
-    for q in {_settings(a.quick, CONFIGS[n][1]).max_questions_per_image for n in names}:
-        _shared(a.cache, _settings(a.quick, {"max_questions_per_image": q}))
+    # Build every distinct data set / PLM once, before the runs start (parallel runs must not race to build one)
+    shared_keys = ("max_questions_per_image", "n_train_images", "n_val_images", "n_test_images",
+                   "nlvr_sets_per_image", "plm_model", "plm_train", "plm_max_steps")
+    built = set()
+    for n in names:
+        fields = {k: v for k, v in CONFIGS[n][1].items() if k in shared_keys}
+        key = json.dumps(fields, sort_keys=True)
+        if key not in built:
+            built.add(key)
+            _shared(a.cache, _settings(a.quick, fields))
     print(f"shared data, features and PLM ready in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
     env = dict(os.environ)

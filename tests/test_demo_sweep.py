@@ -22,14 +22,32 @@ def _load():
 
 
 def test_every_configuration_is_a_demo_setting_and_a_preset():
+    from vlpet.demo.run import DEMO_TASKS
+    from vlpet.train.loop import TrainConfig
+
     mod = _load()
     fields = {f.name for f in dataclasses.fields(DemoSettings)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, (method, overrides) in mod.CONFIGS.items():
-        assert set(overrides) <= fields, name
-        s = dataclasses.replace(DemoSettings(), **overrides)
-        for k, v in overrides.items():
+        demo_fields, extra = mod.split_overrides(overrides)
+        assert set(demo_fields) <= fields, name
+        s = dataclasses.replace(DemoSettings(), **demo_fields)
+        for k, v in demo_fields.items():
             assert getattr(s, k) == v
+        assert extra["tasks"] and set(extra["tasks"]) <= set(DEMO_TASKS), name
+        assert isinstance(extra["seed"], int), name
+        assert set(extra) - {"tasks", "seed"} <= train_fields, name
         get_preset(method)  # raises on an unknown method
+
+
+def test_split_overrides_sends_each_key_where_it_belongs():
+    mod = _load()
+    fields, extra = mod.split_overrides({"max_steps": 7, "tasks": ("vqa",), "seed": 3,
+                                         "train": {"lr_schedule": "constant"}})
+    assert fields == {"max_steps": 7}
+    assert extra == {"tasks": ("vqa",), "seed": 3, "lr_schedule": "constant"}
+    fields, extra = mod.split_overrides({})
+    assert fields == {} and extra["seed"] == 0 and extra["tasks"] == ("vqa", "nlvr", "caption")
 
 
 def test_unknown_configuration_is_rejected_by_name(tmp_path, capsys):

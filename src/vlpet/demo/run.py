@@ -131,7 +131,8 @@ def scale_method(method, d_model: int, ref: int = 768):
 
 
 def train_one(method_name: str, plm: Path, data_root: Path, out: Path, s: DemoSettings, seed: int,
-              progress: bool) -> dict:
+              progress: bool, tasks: tuple[str, ...] = DEMO_TASKS, **train_overrides) -> dict:
+    """Tune ``method_name`` on the demo tasks; ``train_overrides`` go to TrainConfig as they are (sweeps)."""
     from transformers import AutoConfig
 
     from ..presets import get_preset, train_defaults
@@ -142,11 +143,11 @@ def train_one(method_name: str, plm: Path, data_root: Path, out: Path, s: DemoSe
     overrides = {k: v for k, v in method.to_dict().items() if k in ("modules", "lora", "prompt", "hyperformer")}
     lr = train_defaults(method_name, "bart").lr * s.lr_scale
     cfg = TrainConfig(backbone=str(plm), method=method_name, data_root=str(data_root), output=str(out),
-                      tasks=DEMO_TASKS, epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size, lr=lr,
+                      tasks=tuple(tasks), epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size, lr=lr,
                       seed=seed, visual_pool=s.visual_pool,
                       feature_dirname=FEATURE_DIRNAME, caption_metrics=("BLEU-4", "ROUGE-L", "CIDEr"),
                       limit_eval=s.limit_eval, method_overrides=overrides, overwrite=True, progress=progress,
-                      device="cpu" if not _cuda() else None)
+                      device="cpu" if not _cuda() else None, **train_overrides)
     return train(cfg)
 
 
