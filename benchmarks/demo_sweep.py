@@ -27,6 +27,8 @@ from pathlib import Path
 
 # name -> (method, overrides: DemoSettings fields, plus "tasks", "seed" and "train" = TrainConfig fields); "q4" = 4 easy-VQA questions per image (the demo's default until
 # commit e3b1b8d, when this sweep ran), "qA" = every question (~9.6, the default since); "p<k>" = k x k tokens
+_D128 = {"d_model": 128, "encoder_ffn_dim": 512, "decoder_ffn_dim": 512}
+_D192 = {"d_model": 192, "encoder_ffn_dim": 768, "decoder_ffn_dim": 768}
 CONFIGS: dict[str, tuple[str, dict]] = {
     "base": ("vl-pet-large", {"max_questions_per_image": 4}),
     "p1q4s1800": ("vl-pet-large", {"visual_pool": 1, "max_steps": 1800, "max_questions_per_image": 4}),
@@ -82,6 +84,22 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     **{f"seed{k}s1200": ("vl-pet-large", {"seed": k}) for k in (1, 2, 3)},
     **{f"seed{k}s2400": ("vl-pet-large", {"seed": k, "max_steps": 2400}) for k in (1, 2, 3)},
     **{f"full-seed{k}s2400": ("full", {"seed": k, "max_steps": 2400}) for k in (1, 2)},
+    # a smaller PLM (d_model 128 or 192, FFN 4x; 2+2 layers): cheaper steps, so more of them fit the CPU budget
+    **{f"d128s{n}": ("vl-pet-large", {"plm_model": _D128, "max_steps": n}) for n in (1200, 2400, 3600)},
+    **{f"d128seed{k}s3600": ("vl-pet-large", {"plm_model": _D128, "max_steps": 3600, "seed": k}) for k in (1, 2)},
+    "d128L2s3600": ("vl-pet-large", {"plm_model": {**_D128, "encoder_layers": 2, "decoder_layers": 2},
+                                     "max_steps": 3600}),
+    **{f"d192s{n}": ("vl-pet-large", {"plm_model": _D192, "max_steps": n}) for n in (2400, 3600)},
+    "d128-full-s2400": ("full", {"plm_model": _D128, "max_steps": 2400}),
+    # d_model 192 (the first sweep's best): seeds, steps, 2+2 layers, 2x2 visual tokens, lr, d_model 160
+    **{f"d192seed{k}s3600": ("vl-pet-large", {"plm_model": _D192, "max_steps": 3600, "seed": k}) for k in (1, 2)},
+    **{f"d192s{n}": ("vl-pet-large", {"plm_model": _D192, "max_steps": n}) for n in (3000, 4800)},
+    "d192L2s3600": ("vl-pet-large", {"plm_model": {**_D192, "encoder_layers": 2, "decoder_layers": 2},
+                                     "max_steps": 3600}),
+    "d192p2s3600": ("vl-pet-large", {"plm_model": _D192, "visual_pool": 2, "max_steps": 3600}),
+    "d192lr4.5s3600": ("vl-pet-large", {"plm_model": _D192, "lr_scale": 4.5, "max_steps": 3600}),
+    "d160s3600": ("vl-pet-large", {"plm_model": {"d_model": 160, "encoder_ffn_dim": 640, "decoder_ffn_dim": 640},
+                                   "max_steps": 3600}),
 }
 
 
