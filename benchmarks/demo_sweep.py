@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-# name -> (method, overrides: DemoSettings fields, plus "tasks", "seed" and "train" = TrainConfig fields); "q4" = 4 easy-VQA questions per image (the demo's default until
-# commit e3b1b8d, when this sweep ran), "qA" = every question (~9.6, the default since); "p<k>" = k x k tokens
+# name -> (method, overrides: DemoSettings fields, plus "tasks", "seed" and "train" = TrainConfig fields, see
+# split_overrides); "q4" = 4 easy-VQA questions per image (the demo's default until commit e3b1b8d, when this
+# sweep ran), "qA" = every question (~9.6, the default since); "p<k>" = k x k tokens
 _D128 = {"d_model": 128, "encoder_ffn_dim": 512, "decoder_ffn_dim": 512}
 _D192 = {"d_model": 192, "encoder_ffn_dim": 768, "decoder_ffn_dim": 768}
 CONFIGS: dict[str, tuple[str, dict]] = {
@@ -181,16 +182,10 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
-    # Build every distinct data set / PLM once, before the runs start (parallel runs must not race to build one)
-    shared_keys = ("max_questions_per_image", "n_train_images", "n_val_images", "n_test_images",
-                   "nlvr_sets_per_image", "plm_model", "plm_train", "plm_max_steps")
-    built = set()
+    # Build every data set / PLM the runs need before they start (parallel runs must not race to build one);
+    # _shared returns at once for what the cache already holds
     for n in names:
-        fields = {k: v for k, v in CONFIGS[n][1].items() if k in shared_keys}
-        key = json.dumps(fields, sort_keys=True)
-        if key not in built:
-            built.add(key)
-            _shared(a.cache, _settings(a.quick, fields))
+        _shared(a.cache, _settings(a.quick, split_overrides(CONFIGS[n][1])[0]))
     print(f"shared data, features and PLM ready in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
     env = dict(os.environ)

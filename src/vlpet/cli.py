@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "batches of one process with B")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--lr", type=float, default=None, help="default: the preset's")
-    p.add_argument("--lr-schedule", choices=("linear", "constant"), default=None,
-                   help="after the warm-up: linear decay to 0 (default, the paper's) or a constant lr")
+    p.add_argument("--lr-schedule", default=None,  # checked by TrainConfig (vlpet.train.optim.LR_SCHEDULES)
+                   help="after the warm-up: linear (decay to 0; default, the paper's) or constant")
     p.add_argument("--warmup-ratio", type=float, default=None,
                    help="share of the steps with a linearly rising lr, in [0, 1) (default 0.1)")
     p.add_argument("--seed", type=int, default=None, help="default 42; fixes init, dropout, answer sampling, "

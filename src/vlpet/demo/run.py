@@ -143,7 +143,7 @@ def train_one(method_name: str, plm: Path, data_root: Path, out: Path, s: DemoSe
     overrides = {k: v for k, v in method.to_dict().items() if k in ("modules", "lora", "prompt", "hyperformer")}
     lr = train_defaults(method_name, "bart").lr * s.lr_scale
     cfg = TrainConfig(backbone=str(plm), method=method_name, data_root=str(data_root), output=str(out),
-                      tasks=tuple(tasks), epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size, lr=lr,
+                      tasks=tasks, epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size, lr=lr,
                       seed=seed, visual_pool=s.visual_pool,
                       feature_dirname=FEATURE_DIRNAME, caption_metrics=("BLEU-4", "ROUGE-L", "CIDEr"),
                       limit_eval=s.limit_eval, method_overrides=overrides, overwrite=True, progress=progress,
