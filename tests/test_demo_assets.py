@@ -136,6 +136,68 @@ def test_vqa_questions_are_easy_vqa_questions(built):
         assert r["img_id"] == f"easyvqa_train_{ids[k]:06d}"
 
 
+def test_larger_vqa_train_pool_leaves_the_other_tasks_alone(tmp_path, built):
+    a = built[0]
+    images = build_demo_data(tmp_path, **CAPS, n_vqa_train_images=60)
+    assert len(images) == 60 + 12 + 20
+    base_train = {r["img_id"] for r in _load(a, "vqa/karpathy_train.json")}
+    train = _load(tmp_path, "vqa/karpathy_train.json")
+    vqa_imgs = {r["img_id"] for r in train}
+    assert len(vqa_imgs) == 60 and base_train < vqa_imgs  # the train pool, extended by the next 20 images
+    # NLVR and captions keep the 40-image train pool (and the test pool); val moves past the VQA images
+    for rel in ("nlvr/train.json", "nlvr/test.json"):
+        assert (tmp_path / rel).read_bytes() == (a / rel).read_bytes()
+
+    def coco(root):
+        return [(im["filename"], im["split"], [x["raw"] for x in im["sentences"]])
+                for im in _load(root, "COCO/dataset_coco.json")["images"] if im["split"] != "val"]
+    assert coco(tmp_path) == coco(a)
+    val = {r["img_id"] for r in _load(tmp_path, "vqa/karpathy_val.json")}
+    assert len(val) == 12 and not val & vqa_imgs
+    counts = _load(tmp_path, "demo_data_info.json")["counts"]
+    assert counts["images"]["vqa_train"] == 60 and counts["vqa_train"] == len(train)
+    with pytest.raises(ValueError, match="n_vqa_train_images"):
+        build_demo_data(tmp_path / "x", **CAPS, n_vqa_train_images=39)  # fewer than the train pool
+
+
+def test_balanced_vqa_train_has_as_many_yes_as_no_per_template(tmp_path, built):
+    from vlpet.demo.build_data import balance_yes_no
+    from vlpet.demo.facts import question_template
+
+    full = _load(built[0], "vqa/karpathy_train.json")
+    build_demo_data(tmp_path, **CAPS, max_questions_per_image=None, balance_vqa_train=True)
+    build_demo_data(tmp_path / "u", **CAPS, max_questions_per_image=None)
+    unbalanced = _load(tmp_path / "u", "vqa/karpathy_train.json")
+    train = _load(tmp_path, "vqa/karpathy_train.json")
+    per = defaultdict(Counter)
+    for r in unbalanced:
+        (ans,) = r["label"]
+        if ans in ("yes", "no"):
+            per[question_template(r["sent"])][ans] += 1
+    got = defaultdict(Counter)
+    for r in train:
+        (ans,) = r["label"]
+        if ans in ("yes", "no"):
+            got[question_template(r["sent"])][ans] += 1
+    assert any(c["yes"] != c["no"] for c in per.values())  # easy-VQA is not balanced
+    for t, c in per.items():  # each template: min(yes, no) of each answer, taken from the full split
+        n = min(c["yes"], c["no"])
+        assert got.get(t, Counter())["yes"] == n and got.get(t, Counter())["no"] == n, t
+    # the other questions all stay, the kept ones in their original order, with their annotations
+    other = [r for r in unbalanced if next(iter(r["label"])) not in ("yes", "no")]
+    assert [r for r in train if next(iter(r["label"])) not in ("yes", "no")] == other
+    pos = {r["question_id"]: i for i, r in enumerate(unbalanced)}
+    assert [pos[r["question_id"]] for r in train] == sorted(pos[r["question_id"]] for r in train)
+    ann = _load(tmp_path, "vqa/v2_mscoco_train2014_annotations.json")["annotations"]
+    val = _load(tmp_path, "vqa/karpathy_val.json")
+    assert {a["question_id"] for a in ann} == {r["question_id"] for r in train + val}
+    # val and test keep every question; deterministic per seed
+    assert (tmp_path / "vqa/karpathy_test.json").read_bytes() == (tmp_path / "u/vqa/karpathy_test.json").read_bytes()
+    assert balance_yes_no(unbalanced, 0) == train
+    assert balance_yes_no(unbalanced, 1) != train
+    assert len(full) < len(unbalanced)  # (the fixture keeps 4 questions per image)
+
+
 def test_nlvr_structure_balance_and_consistency_groups(built):
     root, images = built[0], built[2]
     facts = _load(root, "facts.json")

@@ -28,6 +28,9 @@ Image ids and pools
     next ``n_val_images`` the val pool (the held-out slice of train images). The test pool is the
     first ``n_test_images`` of the sorted easy-VQA *test* ids shuffled with
     ``random.Random(f"{seed}-pool-test")``. Pools are then kept in sorted id order.
+  * ``n_vqa_train_images`` (default: the train pool) > ``n_train_images`` gives VQA alone a larger
+    train pool: the first ``n_vqa_train_images`` of the same shuffled order (so it contains the
+    train pool); the val pool then starts after them. NLVR and captions keep the train pool.
   * Default sizes 1000 / 100 / 400 (1,500 images), set by the demo's 10-minute, 2-core budget:
     EfficientNet-Lite0 grid features (``vlpet.features.extract_features``) ran at 60 images/s on
     2 pinned cores of an Intel Xeon but at 14 images/s on the shared 2-core development machine,
@@ -62,6 +65,8 @@ VQA (``vqa/``)
   * ``label`` = ``{answer: 1.0}``; ``answer_type`` = "yes/no" for yes/no answers, else "other";
     ``question_type`` = the longest matching template prefix of :data:`QUESTION_TYPES` (e.g.
     "what color is the", "is there not a"), else the first two words.
+  * ``balance_vqa_train`` (default off): the train split's yes/no questions are cut to as many
+    "yes" as "no" per question template (:func:`balance_yes_no`); val and test are never cut.
   * ``v2_mscoco_train2014_annotations.json`` holds the train + val questions,
     ``v2_mscoco_val2014_annotations.json`` the test questions (the official loader merges both):
     official structure ``{info, license, data_type, data_subtype, annotations: [{question_id,
@@ -244,6 +249,34 @@ def _vqa_split(ev: dict, source: str, pool: list[int], max_q: int | None, seed: 
     return records, annotations
 
 
+def balance_yes_no(records: list[dict], seed: int) -> list[dict]:
+    """Keep as many "yes" as "no" questions of every question template (colour and shape words blanked).
+
+    easy-VQA's yes/no answers follow the template: "is there a <color> shape?" is "no" for 88% of the
+    questions (the named colour is one of eight), "is there not a <color> shape?" "yes" for 88%, shape
+    templates 2:1; 82% of them can be answered without the image. VQAv2 and GQA, the paper's VQA data,
+    were balanced so that such language priors do not pay (Goyal et al. 2017; Hudson & Manning 2019);
+    this does the same for the training questions: per template, the larger answer group is cut to the
+    size of the smaller one, keeping a ``random.Random(f"{seed}-balance-{template}")`` sample; other
+    questions are all kept, every record keeps its place in the original order.
+    """
+    from .facts import question_template
+
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(records):
+        (answer,) = r["label"]
+        if answer in ("yes", "no"):
+            groups.setdefault((question_template(r["sent"]), answer), []).append(i)
+    drop: set[int] = set()
+    for template in sorted({t for t, _ in groups}):
+        yes, no = groups.get((template, "yes"), []), groups.get((template, "no"), [])
+        n = min(len(yes), len(no))
+        rng = random.Random(f"{seed}-balance-{template}")
+        for idx in (yes, no):
+            drop.update(set(idx) - set(rng.sample(idx, n)))
+    return [r for i, r in enumerate(records) if i not in drop]
+
+
 def _annotation_file(subtype: str, annotations: list[dict]) -> dict:
     return {
         "info": {"description": "easy-VQA questions in the VQA v2 annotation format (vlpet demo); "
@@ -338,6 +371,8 @@ def build_demo_data(
     n_val_images: int | None = None,
     max_questions_per_image: int | None = DEFAULT_MAX_QUESTIONS_PER_IMAGE,
     nlvr_sets_per_image: float = DEFAULT_NLVR_SETS_PER_IMAGE,
+    n_vqa_train_images: int | None = None,
+    balance_vqa_train: bool = False,
 ) -> dict[str, str]:
     """Write the demo data set (VQA, NLVR, COCO captions over easy-VQA images) under ``root``.
 
@@ -350,6 +385,11 @@ def build_demo_data(
         n_val_images: images of the val pool, held out from easy-VQA train (default 100).
         max_questions_per_image: VQA questions kept per image (default 4; ``None`` keeps all).
         nlvr_sets_per_image: NLVR sets (4 image pairs x up to 2 statements each) per pool image.
+        n_vqa_train_images: images whose questions form the VQA train split (default: the train
+            pool). A larger number extends the train pool for VQA alone (the next images of the same
+            shuffled order; the val pool follows them); NLVR and captions keep the train pool.
+        balance_vqa_train: balance the yes/no answers of the VQA train split within each question
+            template (see :func:`balance_yes_no`); val and test keep every question.
 
     Returns ``{img_id: absolute image path}`` for every image used (also written to
     ``root/images.json``), sorted by img_id.
@@ -368,12 +408,15 @@ def build_demo_data(
     n_ev_train, n_ev_test = len(ev["train"]["paths"]), len(ev["test"]["paths"])
     m = MIN_POOL_IMAGES
     _check_count("n_train_images", n_train, m, n_ev_train - m)
-    _check_count("n_val_images", n_val, m, n_ev_train - n_train)
+    n_vqa = n_train if n_vqa_train_images is None else n_vqa_train_images
+    _check_count("n_vqa_train_images", n_vqa, n_train, n_ev_train - m)
+    _check_count("n_val_images", n_val, m, n_ev_train - n_vqa)
     _check_count("n_test_images", n_test, m, n_ev_test)
 
     order = sorted(ev["train"]["paths"])
     random.Random(f"{seed}-pool-train").shuffle(order)
-    pool_k = {"train": sorted(order[:n_train]), "val": sorted(order[n_train:n_train + n_val])}
+    pool_k = {"train": sorted(order[:n_train]), "val": sorted(order[n_vqa:n_vqa + n_val])}
+    vqa_train_k = sorted(order[:n_vqa])  # == pool_k["train"] unless n_vqa_train_images extends it
     order = sorted(ev["test"]["paths"])
     random.Random(f"{seed}-pool-test").shuffle(order)
     pool_k["test"] = sorted(order[:n_test])
@@ -384,7 +427,8 @@ def build_demo_data(
     facts: dict[str, ImageFacts] = {}
     images: dict[str, str] = {}
     agree = Counter()
-    for p, ks in pool_k.items():
+    vqa_extra_k = sorted(set(vqa_train_k) - set(pool_k["train"]))  # images only the VQA task uses
+    for p, ks in (*pool_k.items(), ("train", vqa_extra_k)):
         d = ev[source[p]]
         for k in ks:
             img_id = img_id_for(source[p], k)
@@ -404,8 +448,15 @@ def build_demo_data(
     # ---- VQA
     ann_train: list[dict] = []
     counts: dict[str, Any] = {"images": {p: len(v) for p, v in pools.items()}}
+    if vqa_extra_k:
+        counts["images"]["vqa_train"] = len(vqa_train_k)
     for p, fname in (("train", "karpathy_train"), ("val", "karpathy_val"), ("test", "karpathy_test")):
-        recs, anns = _vqa_split(ev, source[p], pool_k[p], max_questions_per_image, seed)
+        recs, anns = _vqa_split(ev, source[p], vqa_train_k if p == "train" else pool_k[p], max_questions_per_image, seed)
+        if p == "train" and balance_vqa_train:
+            counts["vqa_train_before_balancing"] = len(recs)
+            recs = balance_yes_no(recs, seed)
+            kept = {r["question_id"] for r in recs}
+            anns = [a for a in anns if a["question_id"] in kept]
         _write_json(root / "vqa" / f"{fname}.json", recs)
         counts[f"vqa_{p}"] = len(recs)
         if p == "test":
@@ -439,7 +490,8 @@ def build_demo_data(
         "source": "easy-VQA 1.0 (MIT), https://github.com/vzhou842/easy-VQA; images are not copied",
         "params": {"n_train_images": n_train, "n_val_images": n_val, "n_test_images": n_test, "seed": seed,
                    "max_questions_per_image": max_questions_per_image,
-                   "nlvr_sets_per_image": nlvr_sets_per_image},
+                   "nlvr_sets_per_image": nlvr_sets_per_image, "n_vqa_train_images": n_vqa,
+                   "balance_vqa_train": balance_vqa_train},
         "counts": counts,
         "fact_sources": {
             "shape": dict(Counter(f.shape_source for f in facts.values())),

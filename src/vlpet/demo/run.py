@@ -37,6 +37,8 @@ class DemoSettings:
     n_val_images: int = 100
     n_test_images: int = 400
     nlvr_sets_per_image: float = 0.125  # ~1,000 training statements
+    n_vqa_train_images: int | None = None  # VQA's train images (default n_train_images; more: VQA only)
+    balance_vqa_train: bool = False  # yes/no answers balanced per question template (build_data.balance_yes_no)
     # every easy-VQA question of an image (~9.6; 4 before): the H100 sweep (docs/demo/why-not-95.md) gave
     # VL-PET-large 87.0 instead of 85.4 with the same steps, the gain on the questions that read the image
     max_questions_per_image: int | None = None
@@ -80,6 +82,10 @@ def prepare_data(root: Path, s: DemoSettings, seed: int, progress: bool = True) 
            "nlvr": s.nlvr_sets_per_image, "seed": seed}
     if s.max_questions_per_image != 4:  # the key of the 4-question data sets stays as it was
         key["max_q"] = s.max_questions_per_image
+    if s.n_vqa_train_images not in (None, s.n_train_images):  # so do the keys of the other data sets
+        key["n_vqa"] = s.n_vqa_train_images
+    if s.balance_vqa_train:
+        key["balance"] = True
     key = json.dumps(key)
     data_root = root / f"demo-data-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     done = data_root / ".complete"
@@ -88,7 +94,8 @@ def prepare_data(root: Path, s: DemoSettings, seed: int, progress: bool = True) 
         tmp = data_root.with_name(data_root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         build_demo_data(tmp, s.n_train_images, s.n_test_images, seed, n_val_images=s.n_val_images,
-                        nlvr_sets_per_image=s.nlvr_sets_per_image, max_questions_per_image=s.max_questions_per_image)
+                        nlvr_sets_per_image=s.nlvr_sets_per_image, max_questions_per_image=s.max_questions_per_image,
+                        n_vqa_train_images=s.n_vqa_train_images, balance_vqa_train=s.balance_vqa_train)
         shutil.rmtree(data_root, ignore_errors=True)
         os.replace(tmp, data_root)
         images = json.loads((data_root / "images.json").read_text())
