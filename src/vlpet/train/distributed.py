@@ -38,10 +38,13 @@ def init_distributed(device_kind: str) -> DistInfo:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if not dist.is_initialized():
+        kwargs = {}
         if device_kind == "cuda":
             torch.cuda.set_device(local)
+            # binds the process group to this rank's GPU (barrier() would otherwise guess it and warn)
+            kwargs["device_id"] = torch.device("cuda", local)
         minutes = float(os.environ.get("VLPET_DIST_TIMEOUT_MIN", "180"))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes), **kwargs)
     return DistInfo(rank, world, local)
 
 
