@@ -451,7 +451,8 @@ def build_demo_data(
     if vqa_extra_k:
         counts["images"]["vqa_train"] = len(vqa_train_k)
     for p, fname in (("train", "karpathy_train"), ("val", "karpathy_val"), ("test", "karpathy_test")):
-        recs, anns = _vqa_split(ev, source[p], vqa_train_k if p == "train" else pool_k[p], max_questions_per_image, seed)
+        pool = vqa_train_k if p == "train" else pool_k[p]
+        recs, anns = _vqa_split(ev, source[p], pool, max_questions_per_image, seed)
         if p == "train" and balance_vqa_train:
             counts["vqa_train_before_balancing"] = len(recs)
             recs = balance_yes_no(recs, seed)
