@@ -148,6 +148,15 @@ CONFIGS: dict[str, tuple[str, dict]] = {
                                              "seed": 1}),
     **{f"{m}v3900bals2400": (mm, {"n_vqa_train_images": 3900, "balance_vqa_train": True, "max_steps": 2400})
        for m, mm in (("", "vl-pet-large"), ("full-", "full"))},
+    # a PLM whose text also holds text-only scenes with questions and answers (corpus.scene_documents):
+    # "sc25p1200" = 25% scene documents, 25% demo text, 50% English, 1,200 denoising steps
+    **{f"sc{f}p{p}{d}s{n}": ("vl-pet-large", {"plm_train": {"copy_warmup_steps": 90, "scene_fraction": f / 100,
+                                                          "demo_fraction": 0.25},
+                                            "plm_max_steps": p, "max_steps": n,
+                                            **({"n_vqa_train_images": 3900} if d else {})})
+       for f, p, d, n in ((25, 300, "", 1200), (25, 1200, "", 1200), (25, 1200, "v3900", 1200),
+                          (25, 1200, "v3900", 2400), (25, 2400, "v3900", 1200), (25, 2400, "v3900", 2400),
+                          (50, 2400, "v3900", 1200), (50, 2400, "v3900", 2400))},
 }
 
 
@@ -178,6 +187,38 @@ def _shared(cache: Path, s) -> tuple[Path, Path]:
     plm = pretrain_demo_plm(cache, seed=0, progress=False, model_config=s.plm_model, train_config=s.plm_train,
                             max_steps=s.plm_max_steps)
     return data_root, Path(plm)
+
+
+def probe_scene_qa(plm: Path, n: int = 400, seed: int = 1) -> dict:
+    """Does the PLM answer a question about a text scene? "<caption> <question> <mask>." -> greedy
+    reconstruction; the word after the question in it must be the answer (corpus.answer_for)."""
+    import random
+
+    import torch
+    from transformers import AutoTokenizer, BartForConditionalGeneration
+
+    from vlpet.demo.corpus import scene_documents
+
+    tok = AutoTokenizer.from_pretrained(plm)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = BartForConditionalGeneration.from_pretrained(plm).eval().to(dev)
+    rng = random.Random(seed)
+    docs = scene_documents(seed=seed + 100)  # other draws than the pretraining text's (seed 0)
+    hits: dict = {}
+    for doc in rng.sample(docs, n):
+        j = rng.randrange(1, len(doc))
+        q, ans = doc[j].rsplit(" ", 1)
+        ans = ans.rstrip(".")
+        kind = "other" if q.startswith("what") else "yes/no colour" if "shape" in q else "yes/no shape"
+        ids = tok(f"{doc[0]}. {q} <mask>.", return_tensors="pt").input_ids.to(dev)
+        with torch.no_grad():
+            out = tok.decode(model.generate(ids, max_new_tokens=48, num_beams=1, do_sample=False)[0],
+                             skip_special_tokens=True)
+        got = out.split(q, 1)[1].split()[0].strip(".") if q in out and out.split(q, 1)[1].split() else ""
+        h = hits.setdefault(kind, [0, 0])
+        h[0] += got == ans
+        h[1] += 1
+    return {k: round(100 * a / b, 1) for k, (a, b) in sorted(hits.items())} | {"n": n}
 
 
 def run_one(name: str, cache: Path, out: Path, runs: Path, quick: bool) -> None:
@@ -216,6 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--child-threads", type=int, default=None, help="torch CPU threads of each run")
     ap.add_argument("--quick", action="store_true", help="QUICK settings: a smoke test of the script")
+    ap.add_argument("--probe", action="store_true", help="first print each PLM's text-scene QA accuracy")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     runs = a.runs or a.out / "runs"
@@ -234,6 +276,14 @@ def main(argv=None) -> int:
     for n in names:
         _shared(a.cache, _settings(a.quick, split_overrides(CONFIGS[n][1])[0]))
     print(f"shared data, features and PLM ready in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    if a.probe:
+        seen = set()
+        for n in names:
+            plm = _shared(a.cache, _settings(a.quick, split_overrides(CONFIGS[n][1])[0]))[1]
+            if plm not in seen:
+                seen.add(plm)
+                print(f"[probe] {plm.name} ({n}): text-scene QA accuracy {probe_scene_qa(plm)}", file=sys.stderr,
+                      flush=True)
 
     env = dict(os.environ)
     if a.child_threads:

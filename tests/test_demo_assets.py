@@ -437,3 +437,111 @@ def test_pretrain_fixed_steps_is_deterministic(tmp_path, monkeypatch):
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (a / "vocab.json").read_bytes() == (b / "vocab.json").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# text-only scenes with questions and answers (an optional part of the PLM's text, off in the demo)
+# ------------------------------------------------------------------------------------------------
+def test_answer_for_reproduces_every_easy_vqa_answer(built):
+    from vlpet.demo.corpus import answer_for
+
+    root = built[0]
+    facts = _load(root, "facts.json")
+    n = 0
+    for split in ("train", "val", "test"):
+        for r in _load(root, f"vqa/karpathy_{split}.json"):
+            f = facts[r["img_id"]]
+            (ans,) = r["label"]
+            assert answer_for(r["sent"], f["shape"], f["color"]) == ans, r
+            n += 1
+    assert n > 200
+    # the rule itself, by hand
+    assert answer_for("is there a red shape?", "circle", "red") == "yes"
+    assert answer_for("is there not a red shape?", "circle", "red") == "no"
+    assert answer_for("is no circle present?", "triangle", "blue") == "yes"
+    assert answer_for("what is the color of the circle?", "circle", "teal") == "teal"
+    assert answer_for("what is the blue shape?", "rectangle", "blue") == "rectangle"
+
+
+def test_scene_documents_are_consistent_and_deterministic():
+    from vlpet.demo.corpus import answer_for, scene_documents
+    from vlpet.demo.facts import all_fact_combinations, captions_for
+
+    docs = scene_documents(seed=0, per_scene=2, questions_per_doc=3)
+    combos = list(all_fact_combinations())
+    assert len(docs) == 2 * len(combos) == 864
+    assert docs == scene_documents(seed=0, per_scene=2, questions_per_doc=3)
+    assert docs != scene_documents(seed=1, per_scene=2, questions_per_doc=3)
+    answers = Counter()
+    for i, doc in enumerate(docs):
+        f = combos[i // 2]
+        assert doc[0] in captions_for(**f) and len(doc) == 4
+        qs = [s.rsplit(" ", 1) for s in doc[1:]]
+        assert len({q for q, _ in qs}) == 3  # distinct questions
+        for q, a in qs:
+            assert q.endswith("?") and a.endswith(".")
+            assert a[:-1] == answer_for(q, f["shape"], f["color"])
+            answers[a[:-1]] += 1
+            if q.startswith("what"):  # never asks about a colour or shape the scene does not have
+                named = [w for w in q[:-1].split() if w in COLORS or w in SHAPES]
+                assert all(w in (f["color"], f["shape"]) for w in named), q
+    assert answers["yes"] and answers["no"] and set(answers) <= {"yes", "no", *COLORS, *SHAPES}
+
+
+def test_scene_fraction_zero_keeps_the_plm_and_nonzero_pretrains_on_scenes(tmp_path):
+    from vlpet.demo.pretrain import pretrain_demo_plm
+
+    kw = dict(seed=0, progress=False, max_steps=2, num_threads=1, model_config=TINY_MODEL)
+    base = {**TINY_TRAIN, "copy_warmup_steps": 1}
+    a = pretrain_demo_plm(tmp_path, train_config=base, **kw)
+    assert pretrain_demo_plm(tmp_path, train_config={**base, "scene_fraction": 0.0}, **kw) == a  # same cache key
+    b = pretrain_demo_plm(tmp_path, train_config={**base, "scene_fraction": 0.5, "demo_fraction": 0.25}, **kw)
+    assert b != a
+    import transformers
+
+    # the scene answers are tokenizer training text: "yes" becomes one token ("no" already was)
+    tok_a = transformers.BartTokenizerFast.from_pretrained(str(a))
+    tok_b = transformers.BartTokenizerFast.from_pretrained(str(b))
+    assert len(tok_b.tokenize("yes")) == 1 and len(tok_a.tokenize("yes")) > 1
+
+
+def test_sampler_draws_scene_documents_in_their_share():
+    import numpy as np
+
+    from vlpet.demo import pretrain as P
+
+    class WordTok:  # a word-level stand-in for the BPE tokenizer: all the sampler needs
+        def __init__(self):
+            self.vocab = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+        def __len__(self):
+            return len(self.vocab)
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.vocab[i] for i in ids]
+
+        def id(self, word):
+            if "Ġ" + word not in self.vocab:
+                self.vocab.append("Ġ" + word)
+            return self.vocab.index("Ġ" + word)
+
+        def __call__(self, texts, **kw):
+            return {"input_ids": [[self.id(w) for w in t.split()] for t in texts]}
+
+    tok = WordTok()
+    corpus = {"demo": ["what color is the thing?"], "english": [["The cat sat.", "It slept well."]] * 4,
+              "scene": [["a green circle", "is there a circle? yes."]]}
+    tok([*corpus["demo"], *(x for d in corpus["english"] + corpus["scene"] for x in d)])  # fix the vocabulary
+    marks = {"scene": tok.id("circle"), "demo": tok.id("thing?"), "english": tok.id("cat")}
+    for share in (0.0, 0.3):
+        cfg = {**P.DEFAULT_TRAIN_CONFIG, "seq_len": 32, "scene_fraction": share, "demo_fraction": 0.3,
+               "heldout_fraction": 0.0}
+        sampler = P._Sampler(tok, corpus, cfg, 0)
+        rng = np.random.default_rng(0)
+        kinds = Counter()
+        for _ in range(2000):
+            _src, target = sampler.example(rng)
+            (kind,) = [k for k, m in marks.items() if m in target]
+            kinds[kind] += 1
+        assert abs(kinds["scene"] / 2000 - share) < 0.04, kinds
+        assert abs(kinds["demo"] / 2000 - 0.3) < 0.04, kinds

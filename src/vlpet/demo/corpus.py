@@ -20,6 +20,11 @@ Two parts:
   test). Paragraphs are split into sentences at ``. ``/``? ``/``! `` before a capital letter.
   Sources are concatenated in that order and cut at ``max_chars`` (whole paragraphs).
 
+An optional third part, off in the demo (``scene_fraction`` 0 in :mod:`vlpet.demo.pretrain`):
+**text-only scenes** (:func:`scene_documents`), a caption of a fact combination followed by easy-VQA
+questions with the answers the caption's facts give — tried to give the PLM a text-level "is the
+named colour the described one?" skill (docs/demo/why-not-95.md, section 3).
+
 nltk and its corpora are not available offline; this is the broadest English prose found on the
 machine. It is technical English about Python, so the model learns general English syntax and
 function words from it and the demo's words from the demo text (the training mix samples each
@@ -40,7 +45,8 @@ from typing import Iterator
 
 from .facts import all_fact_combinations, all_statements, captions_for
 
-__all__ = ["demo_sentences", "english_documents", "corpus_digest", "split_sentences"]
+__all__ = ["demo_sentences", "english_documents", "corpus_digest", "split_sentences", "answer_for",
+           "scene_documents"]
 
 _PROSE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ,.;:'\"-?!")
 _SENT_SPLIT = re.compile(r"(?<=[.?!])\s+(?=[A-Z])")
@@ -61,6 +67,61 @@ def demo_sentences() -> list[str]:
         out.update(captions_for(**f))
     out.update(fam.render(p) for fam, p in all_statements())
     return sorted(out)
+
+
+def answer_for(question: str, shape: str, color: str) -> str:
+    """easy-VQA's answer to ``question`` about an image of one ``color`` ``shape`` (the rule its
+    generator follows: "what ... color" -> the colour, other "what" questions -> the shape, a yes/no
+    question -> whether the named colour/shape is there, flipped by a negation)."""
+    from .facts import COLORS, SHAPES, question_polarity
+
+    words = question.lower().replace("?", " ").split()
+    if words[0] == "what":
+        return color if "color" in words else shape
+    named_c = [w for w in words if w in COLORS]
+    named_s = [w for w in words if w in SHAPES]
+    present = all(c == color for c in named_c) and all(x == shape for x in named_s)
+    return "yes" if present == question_polarity(question) else "no"
+
+
+def _presupposed(question: str, shape: str, color: str) -> bool:
+    from .facts import COLORS, SHAPES
+
+    words = question.lower().replace("?", " ").split()
+    return all(w == color for w in words if w in COLORS) and all(w == shape for w in words if w in SHAPES)
+
+
+def scene_documents(seed: int = 0, per_scene: int = 8, questions_per_doc: int = 4) -> list[list[str]]:
+    """Text-only scenes with questions and answers (an optional part of the PLM's text, off in the demo).
+
+    For each of the 432 fact combinations, ``per_scene`` documents: one of its captions, then
+    ``questions_per_doc`` distinct easy-VQA *train* question strings drawn uniformly (so the named colour
+    matches as rarely as in easy-VQA), each followed by its answer (:func:`answer_for`), e.g. "a small
+    red circle near the top", "is there a blue shape? no.", "what color is the circle? red.". No image and
+    no easy-VQA answer is read: the answers follow from the caption's facts. ``random.Random`` per
+    document, so the list is deterministic.
+    """
+    import random
+
+    import easy_vqa
+
+    texts, _answers, _ids = easy_vqa.get_train_questions()
+    questions = sorted({t.strip() for t in texts})
+    docs = []
+    for i, f in enumerate(all_fact_combinations()):
+        caps = captions_for(**f)
+        for j in range(per_scene):
+            rng = random.Random(f"{seed}-scene-{i}-{j}")
+            doc = [rng.choice(caps)]
+            while len(doc) <= questions_per_doc:
+                q = rng.choice(questions)
+                if q.startswith("what") and not _presupposed(q, f["shape"], f["color"]):
+                    continue  # "what is the blue shape?" of a red circle: easy-VQA never asks that
+                if any(x.startswith(q + " ") for x in doc):
+                    continue
+                doc.append(f"{q} {answer_for(q, f['shape'], f['color'])}.")
+            docs.append(doc)
+    return docs
 
 
 def split_sentences(paragraph: str) -> list[str]:

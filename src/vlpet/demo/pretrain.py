@@ -27,7 +27,9 @@ Recipe (all seeded)
     load it (transformers 5 resolves both to its Roberta/BART byte-level BPE class).
   * Examples (``seq_len`` = 48 tokens with specials): with probability ``demo_fraction`` (0.5)
     a run of random demo sentences, else a chunk of consecutive sentences of one English
-    paragraph (2% of the chunks are held out for evaluation). BART noise, as in the paper's
+    paragraph (2% of the chunks are held out for evaluation); with ``scene_fraction`` > 0 (0 in the
+    demo) that share of the examples is a text-only scene with questions and answers
+    (:func:`vlpet.demo.corpus.scene_documents`; also in the tokenizer's training text). BART noise, as in the paper's
     final model: *sentence permutation* (the chunk's sentences are shuffled) then *text
     infilling* (30% of the words masked — exactly round(0.3 x words) — in spans of Poisson(3)
     words, each span replaced by one ``<mask>``; a 0-length span inserts a ``<mask>``; spans go
@@ -145,6 +147,9 @@ DEFAULT_TRAIN_CONFIG: dict[str, Any] = {
     "poisson_lambda": 3.0,
     "permute_sentences": True,
     "demo_fraction": 0.5,
+    # share of text-only scene documents with questions and answers (corpus.scene_documents); 0 in the
+    # demo (docs/demo/why-not-95.md); the rest of the mix is demo_fraction demo text, then English
+    "scene_fraction": 0.0,
     "english_max_chars": 1_000_000,
     "heldout_fraction": 0.02,
     "n_eval_examples": 64,
@@ -306,6 +311,7 @@ class _Sampler:
             return [(x, y) for x, y in zip(a, b)]
 
         self.demo = encode(corpus["demo"])
+        self.scene = [encode(doc) for doc in corpus.get("scene", [])]
         flat, doc_of = [], []
         for d, doc in enumerate(corpus["english"]):
             flat.extend(doc)
@@ -345,8 +351,14 @@ class _Sampler:
         cfg = self.cfg
         chunks = self.train_chunks if split == "train" else self.eval_chunks
         if kind is None:
-            kind = "demo" if (not chunks or rng.random() < float(cfg["demo_fraction"])) else "english"
-        if kind == "demo" or not chunks:
+            if not chunks:
+                kind = "demo"
+            else:  # one draw, as before scene documents existed: with scene_fraction 0 the same examples
+                u, sf = rng.random(), float(cfg.get("scene_fraction", 0.0))
+                kind = "scene" if u < sf else "demo" if u < sf + float(cfg["demo_fraction"]) else "english"
+        if kind == "scene" and self.scene:
+            sents = self.scene[int(rng.integers(len(self.scene)))]
+        elif kind == "demo" or not chunks:
             sents = self._demo_run(rng)
         else:
             sents = chunks[int(rng.integers(len(chunks)))]
@@ -465,7 +477,16 @@ def pretrain_demo_plm(
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     t_start = time.perf_counter()
     corpus = _load_corpus(cache_root, int(tcfg["english_max_chars"]), say)
-    key = _digest({"v": CODE_VERSION, "model": mcfg, "train": tcfg, "seed": seed, "corpus": corpus["digest"],
+    key_tcfg = dict(tcfg)
+    if not float(tcfg["scene_fraction"]):
+        del key_tcfg["scene_fraction"]  # the cache key of a PLM without scene text stays what it was
+    else:
+        from .corpus import scene_documents
+
+        corpus = {**corpus, "scene": scene_documents(seed)}
+    if "scene" in corpus:
+        key_tcfg["scene_documents"] = _digest(corpus["scene"])
+    key = _digest({"v": CODE_VERSION, "model": mcfg, "train": key_tcfg, "seed": seed, "corpus": corpus["digest"],
                    "budget_s": None if max_steps is not None else float(budget_s), "max_steps": max_steps})
     folder = cache_root / f"demo-plm-{key}"
     say(f"[demo-plm] {PLM_NOTE}")
@@ -486,7 +507,8 @@ def pretrain_demo_plm(
         eng_chars = sum(len(s) for s in eng)
         frac = float(tcfg["demo_fraction"])
         repeat = max(1, int(round(frac / max(1e-9, 1 - frac) * eng_chars / demo_chars))) if eng_chars else 1
-        tok = train_bpe_tokenizer(eng + corpus["demo"] * repeat, int(tcfg["vocab_size"]), tmp,
+        scene = [x for doc in corpus.get("scene", []) for x in doc]
+        tok = train_bpe_tokenizer(eng + corpus["demo"] * repeat + scene, int(tcfg["vocab_size"]), tmp,
                                   model_max_length=int(mcfg["max_position_embeddings"]))
         t_tok = time.perf_counter() - t0
 
