@@ -214,7 +214,8 @@ def probe_scene_qa(plm: Path, n: int = 400, seed: int = 1) -> dict:
         with torch.no_grad():
             out = tok.decode(model.generate(ids, max_new_tokens=48, num_beams=1, do_sample=False)[0],
                              skip_special_tokens=True)
-        got = out.split(q, 1)[1].split()[0].strip(".") if q in out and out.split(q, 1)[1].split() else ""
+        after = out.split(q, 1)[1].split() if q in out else []
+        got = after[0].strip(".") if after else ""
         h = hits.setdefault(kind, [0, 0])
         h[0] += got == ans
         h[1] += 1
@@ -273,17 +274,14 @@ def main(argv=None) -> int:
     t0 = time.time()
     # Build every data set / PLM the runs need before they start (parallel runs must not race to build one);
     # _shared returns at once for what the cache already holds
+    plms: dict[Path, str] = {}  # each distinct PLM -> the first configuration that uses it
     for n in names:
-        _shared(a.cache, _settings(a.quick, split_overrides(CONFIGS[n][1])[0]))
+        plms.setdefault(_shared(a.cache, _settings(a.quick, split_overrides(CONFIGS[n][1])[0]))[1], n)
     print(f"shared data, features and PLM ready in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     if a.probe:
-        seen = set()
-        for n in names:
-            plm = _shared(a.cache, _settings(a.quick, split_overrides(CONFIGS[n][1])[0]))[1]
-            if plm not in seen:
-                seen.add(plm)
-                print(f"[probe] {plm.name} ({n}): text-scene QA accuracy {probe_scene_qa(plm)}", file=sys.stderr,
-                      flush=True)
+        for plm, n in plms.items():
+            print(f"[probe] {plm.name} ({n}): text-scene QA accuracy {probe_scene_qa(plm)}", file=sys.stderr,
+                  flush=True)
 
     env = dict(os.environ)
     if a.child_threads:

@@ -417,6 +417,7 @@ def build_demo_data(
     random.Random(f"{seed}-pool-train").shuffle(order)
     pool_k = {"train": sorted(order[:n_train]), "val": sorted(order[n_vqa:n_vqa + n_val])}
     vqa_train_k = sorted(order[:n_vqa])  # == pool_k["train"] unless n_vqa_train_images extends it
+    vqa_extra_k = sorted(order[n_train:n_vqa])  # images only the VQA task uses
     order = sorted(ev["test"]["paths"])
     random.Random(f"{seed}-pool-test").shuffle(order)
     pool_k["test"] = sorted(order[:n_test])
@@ -427,7 +428,6 @@ def build_demo_data(
     facts: dict[str, ImageFacts] = {}
     images: dict[str, str] = {}
     agree = Counter()
-    vqa_extra_k = sorted(set(vqa_train_k) - set(pool_k["train"]))  # images only the VQA task uses
     for p, ks in (*pool_k.items(), ("train", vqa_extra_k)):
         d = ev[source[p]]
         for k in ks:

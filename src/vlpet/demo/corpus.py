@@ -43,7 +43,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-from .facts import all_fact_combinations, all_statements, captions_for
+from .facts import COLORS, SHAPES, all_fact_combinations, all_statements, captions_for, question_polarity
 
 __all__ = ["demo_sentences", "english_documents", "corpus_digest", "split_sentences", "answer_for",
            "scene_documents"]
@@ -55,40 +55,38 @@ _SKIP_DIRS = ("test", "tests", "idlelib", "lib2to3", "ensurepip", "site-packages
 
 def demo_sentences() -> list[str]:
     """The distinct demo sentences (questions, captions, statements), sorted."""
-    out: set[str] = set()
     try:
-        import easy_vqa
-
-        texts, _answers, _ids = easy_vqa.get_train_questions()
-        out.update(t.strip() for t in texts)
+        out = set(_train_questions())
     except ImportError:  # pragma: no cover - easy-vqa is a demo dependency
-        pass
+        out = set()
     for f in all_fact_combinations():
         out.update(captions_for(**f))
     out.update(fam.render(p) for fam, p in all_statements())
     return sorted(out)
 
 
+def _train_questions() -> list[str]:
+    """easy-VQA's distinct train question strings, sorted (ImportError without easy-vqa)."""
+    import easy_vqa
+
+    texts, _answers, _ids = easy_vqa.get_train_questions()
+    return sorted({t.strip() for t in texts})
+
+
+def _names_only(question: str, shape: str, color: str) -> bool:
+    """Every colour and shape the question names is the image's (vacuously true when it names none)."""
+    words = question.lower().replace("?", " ").split()
+    return all(w == color for w in words if w in COLORS) and all(w == shape for w in words if w in SHAPES)
+
+
 def answer_for(question: str, shape: str, color: str) -> str:
     """easy-VQA's answer to ``question`` about an image of one ``color`` ``shape`` (the rule its
     generator follows: "what ... color" -> the colour, other "what" questions -> the shape, a yes/no
     question -> whether the named colour/shape is there, flipped by a negation)."""
-    from .facts import COLORS, SHAPES, question_polarity
-
     words = question.lower().replace("?", " ").split()
     if words[0] == "what":
         return color if "color" in words else shape
-    named_c = [w for w in words if w in COLORS]
-    named_s = [w for w in words if w in SHAPES]
-    present = all(c == color for c in named_c) and all(x == shape for x in named_s)
-    return "yes" if present == question_polarity(question) else "no"
-
-
-def _presupposed(question: str, shape: str, color: str) -> bool:
-    from .facts import COLORS, SHAPES
-
-    words = question.lower().replace("?", " ").split()
-    return all(w == color for w in words if w in COLORS) and all(w == shape for w in words if w in SHAPES)
+    return "yes" if _names_only(question, shape, color) == question_polarity(question) else "no"
 
 
 def scene_documents(seed: int = 0, per_scene: int = 8, questions_per_doc: int = 4) -> list[list[str]]:
@@ -103,10 +101,7 @@ def scene_documents(seed: int = 0, per_scene: int = 8, questions_per_doc: int = 
     """
     import random
 
-    import easy_vqa
-
-    texts, _answers, _ids = easy_vqa.get_train_questions()
-    questions = sorted({t.strip() for t in texts})
+    questions = _train_questions()
     docs = []
     for i, f in enumerate(all_fact_combinations()):
         caps = captions_for(**f)
@@ -115,7 +110,7 @@ def scene_documents(seed: int = 0, per_scene: int = 8, questions_per_doc: int = 
             doc = [rng.choice(caps)]
             while len(doc) <= questions_per_doc:
                 q = rng.choice(questions)
-                if q.startswith("what") and not _presupposed(q, f["shape"], f["color"]):
+                if q.startswith("what") and not _names_only(q, f["shape"], f["color"]):
                     continue  # "what is the blue shape?" of a red circle: easy-VQA never asks that
                 if any(x.startswith(q + " ") for x in doc):
                     continue

@@ -354,7 +354,7 @@ class _Sampler:
             if not chunks:
                 kind = "demo"
             else:  # one draw, as before scene documents existed: with scene_fraction 0 the same examples
-                u, sf = rng.random(), float(cfg.get("scene_fraction", 0.0))
+                u, sf = rng.random(), float(cfg["scene_fraction"])
                 kind = "scene" if u < sf else "demo" if u < sf + float(cfg["demo_fraction"]) else "english"
         if kind == "scene" and self.scene:
             sents = self.scene[int(rng.integers(len(self.scene)))]
@@ -484,7 +484,6 @@ def pretrain_demo_plm(
         from .corpus import scene_documents
 
         corpus = {**corpus, "scene": scene_documents(seed)}
-    if "scene" in corpus:
         key_tcfg["scene_documents"] = _digest(corpus["scene"])
     key = _digest({"v": CODE_VERSION, "model": mcfg, "train": key_tcfg, "seed": seed, "corpus": corpus["digest"],
                    "budget_s": None if max_steps is not None else float(budget_s), "max_steps": max_steps})
