@@ -30,6 +30,12 @@ from pathlib import Path
 # sweep ran), "qA" = every question (~9.6, the default since); "p<k>" = k x k tokens
 _D128 = {"d_model": 128, "encoder_ffn_dim": 512, "decoder_ffn_dim": 512}
 _D192 = {"d_model": 192, "encoder_ffn_dim": 768, "decoder_ffn_dim": 768}
+
+
+def _heads(h: int) -> dict:
+    return {"encoder_attention_heads": h, "decoder_attention_heads": h}
+
+
 CONFIGS: dict[str, tuple[str, dict]] = {
     "base": ("vl-pet-large", {"max_questions_per_image": 4}),
     "p1q4s1800": ("vl-pet-large", {"visual_pool": 1, "max_steps": 1800, "max_questions_per_image": 4}),
@@ -157,18 +163,65 @@ CONFIGS: dict[str, tuple[str, dict]] = {
        for f, p, d, n in ((25, 300, "", 1200), (25, 1200, "", 1200), (25, 1200, "v3900", 1200),
                           (25, 1200, "v3900", 2400), (25, 2400, "v3900", 1200), (25, 2400, "v3900", 2400),
                           (50, 2400, "v3900", 1200), (50, 2400, "v3900", 2400), (50, 1200, "v3900", 2400))},
+    # 2026-11-26, third session: does the PET side need more frozen attention heads ("h8", "h16": 8 or 16 heads
+    # of the d_model-256 PLM, same FLOPs), deeper frozen stacks ("L6": 6+6 layers), or larger modules ("r96":
+    # r and r_g as in BART-base instead of scaled to d_model, via "r_ref" = the width the preset is scaled
+    # from); and does VQA alone ever learn the colour questions given many more steps
+    **{f"h{h}v3900s{n}": ("vl-pet-large", {"plm_model": _heads(h), "n_vqa_train_images": 3900, "max_steps": n})
+       for h, n in ((8, 1200), (8, 2400), (16, 2400))},
+    "h8seed1v3900s2400": ("vl-pet-large", {"plm_model": _heads(8), "n_vqa_train_images": 3900, "max_steps": 2400,
+                                           "seed": 1}),
+    "h8s1200": ("vl-pet-large", {"plm_model": _heads(8)}),
+    "full-h8v3900s1200": ("full", {"plm_model": _heads(8), "n_vqa_train_images": 3900}),
+    **{f"r96v3900s{n}": ("vl-pet-large", {"n_vqa_train_images": 3900, "max_steps": n, "r_ref": 256})
+       for n in (1200, 2400)},
+    "r96seed1v3900s2400": ("vl-pet-large", {"n_vqa_train_images": 3900, "max_steps": 2400, "r_ref": 256,
+                                            "seed": 1}),
+    "h8r96v3900s2400": ("vl-pet-large", {"plm_model": _heads(8), "n_vqa_train_images": 3900, "max_steps": 2400,
+                                         "r_ref": 256}),
+    "L6v3900s2400": ("vl-pet-large", {"plm_model": {"encoder_layers": 6, "decoder_layers": 6},
+                                      "n_vqa_train_images": 3900, "max_steps": 2400}),
+    "tr3900vqa6000": ("vl-pet-large", {"n_train_images": 3900, "tasks": ("vqa",), "max_steps": 6000}),
+    "tr3900vqaseed1s6000": ("vl-pet-large", {"n_train_images": 3900, "tasks": ("vqa",), "max_steps": 6000,
+                                             "seed": 1}),
+    "tr3900vqabs8s6000": ("vl-pet-large", {"n_train_images": 3900, "tasks": ("vqa",), "max_steps": 6000,
+                                           "batch_size": 8}),
+    "vqa6000": ("vl-pet-large", {"tasks": ("vqa",), "max_steps": 6000}),
+    "v3900s7500": ("vl-pet-large", {"n_vqa_train_images": 3900, "max_steps": 7500}),
+    # v3900s7500 learns the colour questions by its first epoch's end (step 2,936, val 98.6%) while its lr is
+    # still high; v3900s3600 decays it sooner and does not: the demo's three tasks with a constant lr after
+    # the warm-up ("c"), how many steps, seeds, a larger lr, one visual token
+    **{f"cv3900{'' if k == 0 else f'seed{k}'}s{n}": ("vl-pet-large", {"n_vqa_train_images": 3900, "max_steps": n,
+                                                                     "seed": k, "train": {"lr_schedule": "constant"}})
+       for n, ks in ((1500, (0, 1, 2)), (2000, (0, 1, 2)), (2500, (0, 1))) for k in ks},
+    **{f"cv3900lr4.5{'' if k == 0 else f'seed{k}'}s1500": ("vl-pet-large", {
+        "n_vqa_train_images": 3900, "max_steps": 1500, "lr_scale": 4.5, "seed": k,
+        "train": {"lr_schedule": "constant"}}) for k in (0, 1)},
+    **{f"v3900{'' if k == 0 else f'seed{k}'}s5000": ("vl-pet-large", {"n_vqa_train_images": 3900, "max_steps": 5000,
+                                                                     "seed": k}) for k in (0, 1, 2)},
+    "cv3900p1s2000": ("vl-pet-large", {"n_vqa_train_images": 3900, "max_steps": 2000, "visual_pool": 1,
+                                       "train": {"lr_schedule": "constant"}}),
+    # which weights full fine-tuning must change: LoRA at full rank (r = d_model = 256, alpha = r) on every
+    # attention projection ("all": encoder self, decoder self and cross, q k v o) or on the encoder's only
+    **{f"lora-{where}r256{'' if k == 0 else f'seed{k}'}v3900s1200": (
+        "lora", {"n_vqa_train_images": 3900, "seed": k,
+                 "lora": {"placements": tuple(f"{sub}.{p}" for sub in subs for p in "qkvo"), "r": 256, "alpha": 256}})
+       for where, subs, ks in (("all", ("encoder.self_attn", "decoder.self_attn", "decoder.cross_attn"), (0, 2)),
+                               ("enc", ("encoder.self_attn",), (0,)))
+       for k in ks},
 }
 
 
 def split_overrides(overrides: dict) -> tuple[dict, dict]:
     """A configuration's overrides -> (DemoSettings fields, train_one keywords): "tasks" (a subset of the
-    demo's), "seed" (the tuning seed; data and PLM stay seed 0's) and "train" (TrainConfig fields) go to
+    demo's), "seed" (the tuning seed; data and PLM stay seed 0's), "r_ref" (module sizes scaled from this width
+    instead of 768), "lora" (LoraSpec fields set after the scaling) and "train" (TrainConfig fields) go to
     ``vlpet.demo.run.train_one``, everything else is a DemoSettings field."""
     from vlpet.demo import run as demo
 
-    fields = {k: v for k, v in overrides.items() if k not in ("tasks", "seed", "train")}
+    fields = {k: v for k, v in overrides.items() if k not in ("tasks", "seed", "train", "r_ref", "lora")}
     extra = {"tasks": tuple(overrides.get("tasks", demo.DEMO_TASKS)), "seed": overrides.get("seed", 0),
-             **overrides.get("train", {})}
+             "r_ref": overrides.get("r_ref", 768), "lora": overrides.get("lora"), **overrides.get("train", {})}
     return fields, extra
 
 
@@ -232,6 +285,15 @@ def run_one(name: str, cache: Path, out: Path, runs: Path, quick: bool) -> None:
     s = _settings(quick, fields)
     data_root, plm = _shared(cache, s)
     seed = extra.pop("seed")
+    r_ref, lora = extra.pop("r_ref"), extra.pop("lora")
+    if r_ref != 768 or lora:  # modules sized as for a PLM of width r_ref (768: BART-base's sizes, scaled)
+        scale = demo.scale_method
+
+        def scaled(method, d_model):
+            m = scale(method, d_model, ref=r_ref)
+            return dataclasses.replace(m, lora=dataclasses.replace(m.lora, **lora)) if lora else m
+
+        demo.scale_method = scaled
     r = demo.train_one(method, plm, data_root, runs / name, s, seed, progress=False, **extra)
     (row,), _ = demo.summarize({method: r})  # the demo's own row: scores, per-type split, train time
     res = {"name": name, "settings": overrides, **row,

@@ -36,8 +36,12 @@ def test_every_configuration_is_a_demo_setting_and_a_preset():
             assert getattr(s, k) == v
         assert extra["tasks"] and set(extra["tasks"]) <= set(DEMO_TASKS), name
         assert isinstance(extra["seed"], int), name
-        assert set(extra) - {"tasks", "seed"} <= train_fields, name
-        get_preset(method)  # raises on an unknown method
+        assert isinstance(extra["r_ref"], int) and extra["r_ref"] > 0, name
+        assert set(extra) - {"tasks", "seed", "r_ref", "lora"} <= train_fields, name
+        preset = get_preset(method)  # raises on an unknown method
+        if extra["lora"]:  # LoraSpec validates its placements
+            assert preset.lora is not None, name
+            dataclasses.replace(preset.lora, **extra["lora"])
 
 
 def test_split_overrides_sends_each_key_where_it_belongs():
@@ -45,7 +49,9 @@ def test_split_overrides_sends_each_key_where_it_belongs():
     fields, extra = mod.split_overrides({"max_steps": 7, "tasks": ("vqa",), "seed": 3,
                                          "train": {"lr_schedule": "constant"}})
     assert fields == {"max_steps": 7}
-    assert extra == {"tasks": ("vqa",), "seed": 3, "lr_schedule": "constant"}
+    assert extra == {"tasks": ("vqa",), "seed": 3, "lr_schedule": "constant", "r_ref": 768, "lora": None}
+    fields, extra = mod.split_overrides({"r_ref": 256, "lora": {"r": 8}})
+    assert fields == {} and extra["r_ref"] == 256 and extra["lora"] == {"r": 8}
     fields, extra = mod.split_overrides({})
     assert fields == {} and extra["seed"] == 0 and extra["tasks"] == ("vqa", "nlvr", "caption")
 
