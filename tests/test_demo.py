@@ -59,3 +59,45 @@ def test_quick_demo_writes_table_json_and_plots(tmp_path, capsys):
     images = json.loads((Path(data_root) / "images.json").read_text())
     feats = Path(data_root) / "COCO" / "clip_features" / "data_efficientnet-lite0_att"
     assert all((feats / f"{i}.h5").exists() for i in images)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_budget_options_reach_the_settings(tmp_path, monkeypatch):
+    """--max-steps and --vqa-train-images replace the demo's defaults before any work starts."""
+    from vlpet.cli import main
+    from vlpet.demo import run as demo
+
+    seen = {}
+
+    def fake_prepare(root, s, seed, progress=True):
+        seen["s"], seen["seed"] = s, seed
+        raise _Stop
+
+    monkeypatch.setattr(demo, "prepare_data", fake_prepare)
+    with pytest.raises(_Stop):
+        main(["demo", "--output", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--no-progress",
+              "--max-steps", "7500", "--vqa-train-images", "3900", "--seed", "3"])
+    s = seen["s"]
+    assert (s.max_steps, s.n_vqa_train_images, seen["seed"]) == (7500, 3900, 3)
+    assert (s.n_train_images, s.batch_size) == (demo.DemoSettings().n_train_images, demo.DemoSettings().batch_size)
+    with pytest.raises(_Stop):
+        main(["demo", "--output", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--no-progress"])
+    assert seen["s"] == demo.DemoSettings()  # no option: exactly the defaults (and their cached data and PLM)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max-steps", "0"], "--max-steps must be a positive integer, got 0"),
+    (["--epochs", "-1"], "--epochs must be a positive integer, got -1"),
+    (["--vqa-train-images", "999"], "--vqa-train-images must be in [1000, 3900]"),
+    (["--vqa-train-images", "3901"], "got 3901"),
+])
+def test_bad_budget_options_are_named_and_nothing_is_written(tmp_path, capsys, args, needle):
+    from vlpet.cli import main
+
+    out = tmp_path / "o"
+    assert main(["demo", "--output", str(out), "--cache", str(tmp_path / "c"), "--no-progress", *args]) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "c").exists()

@@ -185,8 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="also run full, lora, vl-adapter and vl-pet small/middleX/middleY/large on the same budget")
     p.add_argument("--methods", type=_tasks, default=None, help="comma-separated list instead of --compare's")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data set, the PLM's pretraining and the tuning (default 0)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="tuning steps over the three tasks (default 1,200: the 10-minute CPU budget; VL-PET-large "
+                        "learns easy-VQA's colour questions only with several times more, see docs/demo/why-not-95.md)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="at most this many epochs (default 20); the run also stops at --max-steps, which comes first "
+                        "with the default data")
+    p.add_argument("--vqa-train-images", type=int, default=None,
+                   help="easy-VQA train images whose questions form the VQA train split (default 1,000, the images "
+                        "the other two tasks use; at most 3,900)")
     p.add_argument("--quick", action="store_true", help="a tiny version (a few dozen images, tiny model): about a minute")
     p.add_argument("--cache", default=None, help="cache folder for data, features and the pretrained PLM "
                                                  "(default $VLPET_CACHE or ~/.cache/vlpet)")
@@ -296,7 +304,8 @@ def cmd_demo(a) -> int:
     from .demo.run import run_demo
 
     run_demo(output=a.output, method=a.method, compare=a.compare, methods=a.methods, seed=a.seed, epochs=a.epochs,
-             quick=a.quick, cache=a.cache, progress=not a.no_progress)
+             quick=a.quick, cache=a.cache, progress=not a.no_progress, max_steps=a.max_steps,
+             vqa_train_images=a.vqa_train_images)
     return 0
 
 

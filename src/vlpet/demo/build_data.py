@@ -139,6 +139,7 @@ __all__ = [
     "img_id_for",
 ]
 
+EASY_VQA_TRAIN_IMAGES = 4000  # easy-VQA 1.0: 4,000 train and 1,000 test images
 DEFAULT_N_TRAIN_IMAGES = 1000
 DEFAULT_N_VAL_IMAGES = 100
 DEFAULT_N_TEST_IMAGES = 400

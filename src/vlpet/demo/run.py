@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ..checkpoint import atomic_write_json
+from ..errors import ConfigError
 
 DEMO_TASKS = ("vqa", "nlvr", "caption")
 COMPARE_METHODS = ("full", "lora", "vl-adapter", "vl-pet-small", "vl-pet-middlex", "vl-pet-middley", "vl-pet-large")
@@ -158,6 +159,12 @@ def train_one(method_name: str, plm: Path, data_root: Path, out: Path, s: DemoSe
     return train(cfg)
 
 
+def _positive(option: str, n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"{option} must be a positive integer, got {n!r}")
+    return n
+
+
 def _cuda() -> bool:
     import torch
 
@@ -234,11 +241,25 @@ def summarize(results: dict[str, dict], prior: dict | None = None) -> tuple[list
 
 
 def run_demo(output="vlpet-demo", method="vl-pet-large", compare=False, methods=None, seed=0, epochs=None,
-             quick=False, cache=None, progress=True) -> dict:
+             quick=False, cache=None, progress=True, max_steps=None, vqa_train_images=None) -> dict:
+    """``max_steps`` / ``vqa_train_images`` (CLI ``--max-steps`` / ``--vqa-train-images``) lift the 10-minute
+    budget: VL-PET-large learns easy-VQA's colour questions only with several times the default steps
+    (docs/demo/why-not-95.md section 6)."""
     t_start = time.time()
     s = QUICK if quick else DemoSettings()
-    if epochs:
-        s = dataclasses.replace(s, epochs=epochs)
+    if epochs is not None:
+        s = dataclasses.replace(s, epochs=_positive("--epochs", epochs))
+    if max_steps is not None:
+        s = dataclasses.replace(s, max_steps=_positive("--max-steps", max_steps))
+    if vqa_train_images is not None:
+        from .build_data import EASY_VQA_TRAIN_IMAGES
+
+        hi = EASY_VQA_TRAIN_IMAGES - s.n_val_images  # the val images come from easy-VQA's train split too
+        if _positive("--vqa-train-images", vqa_train_images) < s.n_train_images or vqa_train_images > hi:
+            raise ConfigError(f"--vqa-train-images must be in [{s.n_train_images}, {hi}] (the demo's "
+                              f"{s.n_train_images} train images up to easy-VQA's {EASY_VQA_TRAIN_IMAGES} train "
+                              f"images less the {s.n_val_images} val images), got {vqa_train_images}")
+        s = dataclasses.replace(s, n_vqa_train_images=vqa_train_images)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     root = cache_root(cache)
