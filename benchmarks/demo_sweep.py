@@ -36,6 +36,11 @@ def _heads(h: int) -> dict:
     return {"encoder_attention_heads": h, "decoder_attention_heads": h}
 
 
+def _seed(k: int) -> str:
+    """The name part of a tuning seed: none for seed 0, "seed<k>" otherwise."""
+    return "" if k == 0 else f"seed{k}"
+
+
 CONFIGS: dict[str, tuple[str, dict]] = {
     "base": ("vl-pet-large", {"max_questions_per_image": 4}),
     "p1q4s1800": ("vl-pet-large", {"visual_pool": 1, "max_steps": 1800, "max_questions_per_image": 4}),
@@ -134,10 +139,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "full-v3900seed1s1200": ("full", {"n_vqa_train_images": 3900, "seed": 1}),
     # "bal" = the VQA train questions' yes/no answers balanced per template (build_data.balance_yes_no), as
     # VQAv2 and GQA are balanced against language priors; val and test questions unchanged
-    **{f"bal{'' if k == 0 else f'seed{k}'}s1200": ("vl-pet-large", {"balance_vqa_train": True, "seed": k})
+    **{f"bal{_seed(k)}s1200": ("vl-pet-large", {"balance_vqa_train": True, "seed": k})
        for k in (0, 1, 2)},
     "bals2400": ("vl-pet-large", {"balance_vqa_train": True, "max_steps": 2400}),
-    **{f"v{n}bal{'' if k == 0 else f'seed{k}'}s1200": ("vl-pet-large", {"n_vqa_train_images": n,
+    **{f"v{n}bal{_seed(k)}s1200": ("vl-pet-large", {"n_vqa_train_images": n,
                                                                         "balance_vqa_train": True, "seed": k})
        for n, ks in ((3900, (0, 1, 2)), (2000, (0, 1))) for k in ks},
     "v3900bals800": ("vl-pet-large", {"n_vqa_train_images": 3900, "balance_vqa_train": True, "max_steps": 800}),
@@ -191,19 +196,19 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     # v3900s7500 learns the colour questions by its first epoch's end (step 2,936, val 98.6%) while its lr is
     # still high; v3900s3600 decays it sooner and does not: the demo's three tasks with a constant lr after
     # the warm-up ("c"), how many steps, seeds, a larger lr, one visual token
-    **{f"cv3900{'' if k == 0 else f'seed{k}'}s{n}": ("vl-pet-large", {"n_vqa_train_images": 3900, "max_steps": n,
+    **{f"cv3900{_seed(k)}s{n}": ("vl-pet-large", {"n_vqa_train_images": 3900, "max_steps": n,
                                                                      "seed": k, "train": {"lr_schedule": "constant"}})
        for n, ks in ((1500, (0, 1, 2)), (2000, (0, 1, 2)), (2500, (0, 1))) for k in ks},
-    **{f"cv3900lr4.5{'' if k == 0 else f'seed{k}'}s1500": ("vl-pet-large", {
+    **{f"cv3900lr4.5{_seed(k)}s1500": ("vl-pet-large", {
         "n_vqa_train_images": 3900, "max_steps": 1500, "lr_scale": 4.5, "seed": k,
         "train": {"lr_schedule": "constant"}}) for k in (0, 1)},
-    **{f"v3900{'' if k == 0 else f'seed{k}'}s5000": ("vl-pet-large", {"n_vqa_train_images": 3900, "max_steps": 5000,
+    **{f"v3900{_seed(k)}s5000": ("vl-pet-large", {"n_vqa_train_images": 3900, "max_steps": 5000,
                                                                      "seed": k}) for k in (0, 1, 2)},
     "cv3900p1s2000": ("vl-pet-large", {"n_vqa_train_images": 3900, "max_steps": 2000, "visual_pool": 1,
                                        "train": {"lr_schedule": "constant"}}),
     # which weights full fine-tuning must change: LoRA at full rank (r = d_model = 256, alpha = r) on every
     # attention projection ("all": encoder self, decoder self and cross, q k v o) or on the encoder's only
-    **{f"lora-{where}r256{'' if k == 0 else f'seed{k}'}v3900s1200": (
+    **{f"lora-{where}r256{_seed(k)}v3900s1200": (
         "lora", {"n_vqa_train_images": 3900, "seed": k,
                  "lora": {"placements": tuple(f"{sub}.{p}" for sub in subs for p in "qkvo"), "r": 256, "alpha": 256}})
        for where, subs, ks in (("all", ("encoder.self_attn", "decoder.self_attn", "decoder.cross_attn"), (0, 2)),

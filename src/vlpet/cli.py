@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="also run full, lora, vl-adapter and vl-pet small/middleX/middleY/large on the same budget")
     p.add_argument("--methods", type=_tasks, default=None, help="comma-separated list instead of --compare's")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data set, the PLM's pretraining and the tuning (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data set, the PLM's pretraining and the tuning (default 0)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="tuning steps over the three tasks (default 1,200: the 10-minute CPU budget; VL-PET-large "
                         "learns easy-VQA's colour questions only with several times more, see docs/demo/why-not-95.md)")

@@ -254,8 +254,8 @@ def run_demo(output="vlpet-demo", method="vl-pet-large", compare=False, methods=
     if vqa_train_images is not None:
         from .build_data import EASY_VQA_TRAIN_IMAGES
 
-        hi = EASY_VQA_TRAIN_IMAGES - s.n_val_images  # the val images come from easy-VQA's train split too
-        if _positive("--vqa-train-images", vqa_train_images) < s.n_train_images or vqa_train_images > hi:
+        lo, hi = s.n_train_images, EASY_VQA_TRAIN_IMAGES - s.n_val_images  # val images are easy-VQA train images
+        if not lo <= _positive("--vqa-train-images", vqa_train_images) <= hi:
             raise ConfigError(f"--vqa-train-images must be in [{s.n_train_images}, {hi}] (the demo's "
                               f"{s.n_train_images} train images up to easy-VQA's {EASY_VQA_TRAIN_IMAGES} train "
                               f"images less the {s.n_val_images} val images), got {vqa_train_images}")
