@@ -109,7 +109,7 @@ class VLModel(nn.Module):
         model = load_backbone(backbone, seed=seed, meta=meta)
         arch = arch_for(model.config.model_type)
         if isinstance(method, str):
-            method = get_preset(method, arch.name, video=video)
+            method = get_preset(method, arch.family, video=video)
         if tokenizer is None and load_tok and not meta:
             tokenizer = load_tokenizer(backbone)
         return cls(model, method, VisualConfig.for_task(video, feat_dim), backbone_name=backbone,

@@ -421,7 +421,7 @@ def _build(backbone: str, method, sd: dict[str, torch.Tensor], *, seed: int, vid
                                   "name the method explicitly")
         method = f"vl-pet-{found}"
     if isinstance(method, str):
-        method = get_preset(method, arch.name, video=video)
+        method = get_preset(method, arch.family, video=video)
     kinds = {spec.gate.kind for spec in method.modules if spec.gate.kind != "none"}
     if found is not None and kinds and kinds != {found}:
         raise CheckpointError(f"the checkpoint holds G_{found} gates (encoder_*_adapter_gating_"

@@ -9,7 +9,7 @@ optimisation settings, spec §4.5-§4.6). Settings per backbone family (spec §4
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import ConfigError
 from .granularity import GateOptions
@@ -47,58 +47,77 @@ T5_FAMILY = Family("t5", r=192, r_g=192, n_heads=4, scale=0.3, zero_init=True, l
 VIDEO_BART_FAMILY = Family("bart", r=96, r_g=96, n_heads=4, scale=1.0, zero_init=False, lr=7e-4, batch=50)
 VIDEO_T5_FAMILY = Family("t5", r=192, r_g=192, n_heads=4, scale=0.3, zero_init=True, lr=3e-4, batch=30)
 R_DEC = 96  # decoder VPA bottleneck in every released setting
+REFERENCE_WIDTH = 768  # d_model of BART-base / T5-base, the widths the paper's sizes were set for
 
 
-def family_for(arch_name: str, video: bool = False) -> Family:
-    t5_like = arch_name in ("t5",)
+def family_for(family: str, video: bool = False, d_model: int | None = None) -> Family:
+    """The settings of a preset family ("bart" or "t5": `ArchSpec.family`).
+
+    `d_model` scales the module sizes with the language model's width (issue 18): BART family
+    r = r_g = d/8, T5 family r = r_g = d/4; None keeps the paper's sizes (those of width 768)."""
+    t5_like = family == "t5"
     if video:
-        return VIDEO_T5_FAMILY if t5_like else VIDEO_BART_FAMILY
-    return T5_FAMILY if t5_like else BART_FAMILY
+        f = VIDEO_T5_FAMILY if t5_like else VIDEO_BART_FAMILY
+    else:
+        f = T5_FAMILY if t5_like else BART_FAMILY
+    if d_model is None or d_model == REFERENCE_WIDTH:
+        return f
+    r = scaled_size(f.r, d_model, f.n_heads)
+    return replace(f, r=r, r_g=r)
 
 
-def _gated_encoder(f: Family, granularity: str, modification: str, n_heads: int) -> ModuleSpec:
+def scaled_size(size: int, d_model: int | None, multiple: int = 1) -> int:
+    """`size` (set for width 768) at width `d_model`, rounded to a positive multiple of `multiple`."""
+    if d_model is None or d_model == REFERENCE_WIDTH:
+        return size
+    return max(multiple, round(size * d_model / REFERENCE_WIDTH / multiple) * multiple)
+
+
+def _gated_encoder(f: Family, granularity: str, modification: str, n_heads: int, d_model=None) -> ModuleSpec:
+    small = scaled_size(96, d_model, n_heads)
     return ModuleSpec(
-        placements=ENCODER_SUBLAYERS, modification=modification, r=f.r if modification == "adapter" else 96,
-        n_heads=n_heads, gate=GateOptions(kind=granularity, r_g=f.r_g if modification == "adapter" else 96),
+        placements=ENCODER_SUBLAYERS, modification=modification, r=f.r if modification == "adapter" else small,
+        n_heads=n_heads, gate=GateOptions(kind=granularity, r_g=f.r_g if modification == "adapter" else small),
         scale=f.scale, zero_init=("up", "gate") if f.zero_init else (),
     )
 
 
-def _vpa(f: Family, modification: str = "adapter") -> ModuleSpec:
-    return ModuleSpec(placements=VPA, modification=modification, mode="parallel", r=R_DEC,
+def _vpa(f: Family, modification: str = "adapter", d_model=None) -> ModuleSpec:
+    return ModuleSpec(placements=VPA, modification=modification, mode="parallel", r=scaled_size(R_DEC, d_model),
                       zero_init=("up",) if f.zero_init else ())
 
 
-def _vl_pet(f: Family, g: str) -> MethodConfig:
+def _vl_pet(f: Family, g: str, d_model=None) -> MethodConfig:
     return MethodConfig(
         name=f"vl-pet-{g}",
-        modules=(_gated_encoder(f, g, "adapter", f.n_heads), _vpa(f)),
+        modules=(_gated_encoder(f, g, "adapter", f.n_heads, d_model), _vpa(f, d_model=d_model)),
         trainable=("visual_embedding", "encoder_layer_norms"),
         description=f"VL-PET with G_{g}: multi-head encoder adapters gated by G, decoder value adapter, encoder LNs",
     )
 
 
-def _vl_adapter_g_lw(f: Family, g: str) -> MethodConfig:
+def _vl_adapter_g_lw(f: Family, g: str, d_model=None) -> MethodConfig:
     return MethodConfig(
         name=f"vl-adapter-g-{g}-lw",
-        modules=(_gated_encoder(f, g, "adapter", 1), _vpa(f)),
+        modules=(_gated_encoder(f, g, "adapter", 1, d_model), _vpa(f, d_model=d_model)),
         trainable=("visual_embedding", "encoder_layer_norms"),
         description=f"Table 9: VL-Adapter's single-head encoder adapter + G_{g} + lightweight designs",
     )
 
 
-def _compacter_g_lw(f: Family, g: str) -> MethodConfig:
+def _compacter_g_lw(f: Family, g: str, d_model=None) -> MethodConfig:
     return MethodConfig(
         name=f"compacter-g-{g}-lw",
-        modules=(_gated_encoder(f, g, "phm_adapter", 1), _vpa(f, "phm_adapter")),
+        modules=(_gated_encoder(f, g, "phm_adapter", 1, d_model), _vpa(f, "phm_adapter", d_model)),
         trainable=("visual_embedding", "encoder_layer_norms"),
         description=f"Table 9: Compacter PHM encoder adapters + G_{g} + PHM decoder value adapter + encoder LNs "
                     f"(not buildable with the official code, spec §8.3)",
     )
 
 
-def _baselines(f: Family) -> dict[str, MethodConfig]:
+def _baselines(f: Family, d_model=None) -> dict[str, MethodConfig]:
     t5 = f.name == "t5"
+    r96 = scaled_size(96, d_model)
     return {
         "full": MethodConfig(name="full", trainable=("all",), task_prompts=False,
                              description="full fine-tuning, no task prompts"),
@@ -112,15 +131,15 @@ def _baselines(f: Family) -> dict[str, MethodConfig]:
                              description="LoRA (PEFT) on q, v of every attention + all biases"),
         "compacter": MethodConfig(
             name="compacter",
-            modules=(ModuleSpec(placements=ALL_SUBLAYERS, modification="phm_adapter", r=96, phm_n=2),),
+            modules=(ModuleSpec(placements=ALL_SUBLAYERS, modification="phm_adapter", r=r96, phm_n=2),),
             trainable=("visual_embedding", "all_layer_norms"),
             description="Compacter PHM adapters (n=2) after every sub-layer + all LNs"),
-        "hyperformer": MethodConfig(name="hyperformer", hyperformer=HyperformerSpec(r=96),
+        "hyperformer": MethodConfig(name="hyperformer", hyperformer=HyperformerSpec(r=r96),
                                     trainable=("visual_embedding", "all_layer_norms"), task_prompts=False,
                                     description="HyperFormer: adapter weights generated from task + layer embeddings"),
         "vl-adapter": MethodConfig(
             name="vl-adapter",
-            modules=(ModuleSpec(placements=ALL_SUBLAYERS, modification="adapter", r=f.r if t5 else 96),),
+            modules=(ModuleSpec(placements=ALL_SUBLAYERS, modification="adapter", r=f.r if t5 else r96),),
             # LST's T5 run trained no LayerNorm (its unfreeze filter missed its own T5LayerNorm class);
             # the T5 preset reproduces that count (7.98%); add "all_layer_norms" for the intended recipe.
             trainable=("visual_embedding",) if t5 else ("visual_embedding", "all_layer_norms"),
@@ -145,23 +164,25 @@ PAPER_PARAMS_PERCENT = {
 }
 
 
-def get_preset(name: str, arch_name: str = "bart", video: bool = False) -> MethodConfig:
+def get_preset(name: str, family: str = "bart", video: bool = False, d_model: int | None = None) -> MethodConfig:
+    """The preset `name` for a backbone family ("bart" / "t5", `ArchSpec.family`); `d_model` scales the
+    adapter sizes with the language model's width (None: the paper's sizes, set for width 768)."""
     key = name.lower()
-    f = family_for(arch_name, video)
+    f = family_for(family, video, d_model)
     if key.startswith("vl-pet-") and key[7:] in GRANULARITIES:
-        return _vl_pet(f, key[7:])
+        return _vl_pet(f, key[7:], d_model)
     if key.startswith("vl-adapter-g-") and key.endswith("-lw") and key[13:-3] in GRANULARITIES:
-        return _vl_adapter_g_lw(f, key[13:-3])
+        return _vl_adapter_g_lw(f, key[13:-3], d_model)
     if key.startswith("compacter-g-") and key.endswith("-lw") and key[12:-3] in GRANULARITIES:
-        return _compacter_g_lw(f, key[12:-3])
-    base = _baselines(f)
+        return _compacter_g_lw(f, key[12:-3], d_model)
+    base = _baselines(f, d_model)
     if key in base:
         return base[key]
     raise ConfigError(f"unknown method/preset {name!r}; allowed: {', '.join(PRESETS)}")
 
 
-def train_defaults(name: str, arch_name: str = "bart", video: bool = False) -> TrainDefaults:
-    f = family_for(arch_name, video)
+def train_defaults(name: str, family: str = "bart", video: bool = False) -> TrainDefaults:
+    f = family_for(family, video)
     key = name.lower()
     if key == "full":
         lr = 1e-4

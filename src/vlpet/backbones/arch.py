@@ -27,6 +27,7 @@ class Sublayer:
 class ArchSpec:
     name: str
     model_types: tuple[str, ...]
+    family: str  # preset family (vlpet.presets): "bart" or "t5" settings (sizes, s, lr, zero-init)
     encoder: str  # path of the encoder stack (has the embedding / layers)
     encoder_layers: str
     decoder_layers: str
@@ -90,6 +91,7 @@ def _t5_projections() -> dict[str, str]:
 BART = ArchSpec(
     name="bart",
     model_types=("bart",),
+    family="bart",
     encoder="model.encoder",
     encoder_layers="model.encoder.layers",
     decoder_layers="model.decoder.layers",
@@ -108,6 +110,7 @@ BART = ArchSpec(
 T5 = ArchSpec(
     name="t5",
     model_types=("t5", "mt5", "umt5"),
+    family="t5",
     encoder="encoder",
     encoder_layers="encoder.block",
     decoder_layers="decoder.block",
@@ -131,6 +134,7 @@ T5 = ArchSpec(
 MBART = ArchSpec(
     name="mbart",
     model_types=("mbart",),
+    family="bart",
     encoder="model.encoder",
     encoder_layers="model.encoder.layers",
     decoder_layers="model.decoder.layers",

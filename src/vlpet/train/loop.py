@@ -255,12 +255,12 @@ class Trainer:
 
         base = load_backbone(cfg.backbone, seed=cfg.seed)
         arch = arch_for(base.config.model_type)
-        method = get_preset(cfg.method, arch.name, video=self.video)
+        method = get_preset(cfg.method, arch.family, video=self.video)
         if cfg.method_overrides:
             from ..method import MethodConfig
 
             method = MethodConfig.from_dict({**method.to_dict(), **cfg.method_overrides}, "--method-overrides")
-        defaults = train_defaults(cfg.method, arch.name, video=self.video)
+        defaults = train_defaults(cfg.method, arch.family, video=self.video)
         self.epochs = cfg.epochs or defaults.epochs
         self.lr = cfg.lr or defaults.lr
         world = self.dist.world_size
