@@ -44,11 +44,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data.tasks import TASKS
 from .errors import CheckpointError, ConfigError
 from .granularity import GATES
 
-# The task keys under which the official single-adapter AdapterController lists the decoder VPA (§2.4).
-TASKS = ("vqa", "gqa", "nlvr", "caption")
+# TASKS (data/tasks.py): the keys under which the official single-adapter AdapterController lists the
+# decoder VPA (§2.4), the paper's image-text tasks.
 SUPPORTED_ARCHS = ("bart", "t5")
 _SUBLAYER_TAG = {"encoder.self_attn": "attn", "encoder.ffn": "ff"}
 _HEAD_RE = re.compile(r"^(?P<stem>.+_adapter_multihead_down)\.(?P<h>\d+)\.(?P<leaf>weight|bias)$")
