@@ -162,3 +162,54 @@ def test_families_come_from_the_table():
         get_preset("vl-pet-small", "llama")
     with pytest.raises(ConfigError, match="group 'table3'"):
         register_preset("x", "table3")
+
+
+# -- tasks -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def task_registry():
+    from vlpet.data import tasks
+
+    saved = dict(tasks._REGISTRY), dict(tasks._ALIASES)
+    try:
+        yield tasks
+    finally:
+        tasks._REGISTRY.clear(), tasks._REGISTRY.update(saved[0])
+        tasks._ALIASES.clear(), tasks._ALIASES.update(saved[1])
+
+
+def test_task_registry_holds_the_papers_tasks(task_registry):
+    t = task_registry
+    assert t.TASKS == ("vqa", "gqa", "nlvr", "caption") and t.VIDEO_TASKS == ("tvqa", "how2qa", "tvc", "yc2c")
+    assert t.task_names("video", "qa") == ("tvqa", "how2qa") and t.task_names("image", "caption") == ("caption",)
+    assert [t.canonical_task(a) for a in ("VQAv2", "nlvr2", "coco", "youcook2")] == ["vqa", "nlvr", "caption", "yc2c"]
+    assert t.is_video_task("youcook2") and not t.is_video_task("coco")
+    assert t.task_modality(("vqa", "coco")) == "image" and t.task_modality(("tvc", "YouCook2")) == "video"
+    with pytest.raises(ConfigError, match=r"mixes image-text \(nlvr2\) and video-text \(tvqa\)"):
+        t.task_modality(("nlvr2", "tvqa"))
+
+
+def test_a_new_task_is_one_entry(task_registry):
+    """A raw-image QA task registered once is known to the aliases, the specs, the modality rule, the
+    CLI's choices and the evaluator's video check, without any other edit."""
+    from vlpet.cli import build_parser
+    from vlpet.data.tasks import Task, TaskSpec, register_task
+
+    def build(o):
+        return TaskSpec("rawqa", o.prompt("rawqa: "), 32, 8, 1, "sample", False, o.qa_decode())
+
+    register_task(Task("rawqa", "image", "qa", build, aliases=("raw-qa",)))
+    t = task_registry
+    assert t.canonical_task("RAW-QA") == "rawqa" and "rawqa" in t.task_names("image", "qa")
+    spec = t.get_task_spec("raw-qa", use_prompts=False, qa_max_new_tokens=3)
+    assert spec.prompt == "" and spec.decode == {"num_beams": 1, "do_sample": False, "max_new_tokens": 3}
+    assert t.task_modality(("rawqa", "vqa")) == "image"
+    with pytest.raises(ConfigError, match=r"mixes image-text \(rawqa\) and video-text \(tvc\)"):
+        t.task_modality(("rawqa", "tvc"))
+    args = build_parser().parse_args(["predict", "--checkpoint", "c", "--data-root", "d", "--task", "rawqa",
+                                      "--output", "o.json"])
+    assert args.task == "rawqa"
+    with pytest.raises(ConfigError, match=r"name\(s\) \['vqav2'\] already registered"):
+        register_task(Task("vqa2", "image", "qa", build, aliases=("vqav2",)))
+    with pytest.raises(ConfigError, match="modality 'audio'"):
+        register_task(Task("asr", "audio", "caption", build))
