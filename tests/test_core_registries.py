@@ -96,15 +96,13 @@ def test_toy_gate_init_and_zero_init(build, toy):
         assert torch.equal(pet.gate.offset.detach(), torch.full((1,), 2.0))
     # T5's presets carry the 'gate' zero-init flag: the class's zero_init runs, so G = 0.5 exactly.
     model = build("t5", toy_method("t5"))
-    assert all(float(p.gate.offset.detach()) == 0.0 for p in toy_pets(model))
-    model.record_gates(True)
+    pets = toy_pets(model)
+    for pet in pets:
+        assert float(pet.gate.offset.detach()) == 0.0
+        pet.record = True
     with torch.no_grad():
         model.encode(**make_batch("t5"))
-    gates = model.gate_values()
-    model.record_gates(False)
-    assert len(gates) == 4
-    for name, g in gates.items():
-        assert torch.equal(g, torch.full_like(g, 0.5)), name
+    assert len(pets) == 4 and all(torch.equal(p.last_gate, torch.full_like(p.last_gate, 0.5)) for p in pets)
 
 
 def test_toy_gate_saves_and_loads(build, toy, tmp_path):

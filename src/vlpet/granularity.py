@@ -86,6 +86,7 @@ class Gate(nn.Module):
     kind: str = ""
     paper: bool = False  # one of the paper's four granularities (gets the paper's presets)
     official: dict[str, str] = {}
+    last: str = "proj"  # the sub-module whose output is σ's logit (zeroed by the default zero_init)
 
     def __init__(self, d_model: int, opts: GateOptions):
         super().__init__()
@@ -104,7 +105,14 @@ class Gate(nn.Module):
         raise NotImplementedError
 
     def zero_init(self) -> None:
-        raise NotImplementedError
+        """The official 'gate' zero-init: the last projection's weight and bias (G = σ(0) = 0.5)."""
+        for p in getattr(self, self.last).parameters():
+            p.zero_()
+
+
+def _linear_names(ours: str, theirs: str) -> dict[str, str]:
+    """Official names of a Linear's weight and bias: `ours.weight` -> `theirs.weight`, same for bias."""
+    return {f"{ours}.{leaf}": f"{theirs}.{leaf}" for leaf in ("weight", "bias")}
 
 
 @register_gate
@@ -118,17 +126,23 @@ class NoGate(Gate):
         return None
 
 
-@register_gate
-class SmallGate(Gate):
-    """G_small = mean_N σ(w · [X ; Y] + b)  [B, 1, 1]; padding included unless `masked_mean`."""
+class _ScalarLogitGate(Gate):
+    """A gate whose logit is one Linear(n_inputs · D -> 1) named `proj` (small, middleX)."""
 
-    kind, paper = "small", True
-    official = {"proj.weight": "small_xy_cat.weight", "proj.bias": "small_xy_cat.bias"}
+    n_inputs = 1
 
     def __init__(self, d_model, opts):
         super().__init__(d_model, opts)
-        # One Linear(2D -> 1) over [X ; Y], X first, as the official checkpoint stores it.
-        self.proj = nn.Linear(2 * d_model, 1)
+        self.proj = nn.Linear(self.n_inputs * d_model, 1)
+
+
+@register_gate
+class SmallGate(_ScalarLogitGate):
+    """G_small = mean_N σ(w · [X ; Y] + b)  [B, 1, 1]; padding included unless `masked_mean`."""
+
+    kind, paper = "small", True
+    official = _linear_names("proj", "small_xy_cat")
+    n_inputs = 2  # one Linear(2D -> 1) over [X ; Y], X first, as the official checkpoint stores it
 
     def forward(self, x, y, mask=None):
         # w · [X ; Y] = w_x · X + w_y · Y, without materialising the concatenation.
@@ -140,28 +154,16 @@ class SmallGate(Gate):
             return (g * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
         return g.mean(dim=1, keepdim=True)  # [B, 1, 1], padding included (official)
 
-    def zero_init(self):
-        self.proj.weight.zero_()
-        self.proj.bias.zero_()
-
 
 @register_gate
-class MiddleXGate(Gate):
+class MiddleXGate(_ScalarLogitGate):
     """G_middleX = σ(w · (X + Y) + b)  [B, N, 1]."""
 
     kind, paper = "middlex", True
-    official = {"proj.weight": "middle_xy_add.weight", "proj.bias": "middle_xy_add.bias"}
-
-    def __init__(self, d_model, opts):
-        super().__init__(d_model, opts)
-        self.proj = nn.Linear(d_model, 1)
+    official = _linear_names("proj", "middle_xy_add")
 
     def forward(self, x, y, mask=None):
         return torch.sigmoid(self.proj(x + y))
-
-    def zero_init(self):
-        self.proj.weight.zero_()
-        self.proj.bias.zero_()
 
 
 @register_gate
@@ -188,9 +190,8 @@ class MiddleYGate(Gate):
 class LargeGate(Gate):
     """G_large = σ(W_up · gelu_new(W_down · X + b_down) + b_up)  [B, N, D]."""
 
-    kind, paper = "large", True
-    official = {"down.weight": "large_x_down.weight", "down.bias": "large_x_down.bias",
-                "up.weight": "large_x_up.weight", "up.bias": "large_x_up.bias"}
+    kind, paper, last = "large", True, "up"
+    official = {**_linear_names("down", "large_x_down"), **_linear_names("up", "large_x_up")}
 
     def __init__(self, d_model, opts):
         super().__init__(d_model, opts)
@@ -199,10 +200,6 @@ class LargeGate(Gate):
 
     def forward(self, x, y, mask=None):
         return torch.sigmoid(self.up(gelu_new(self.down(x))))
-
-    def zero_init(self):
-        self.up.weight.zero_()  # G = σ(0) = 0.5
-        self.up.bias.zero_()
 
 
 class GatedModification(nn.Module):
