@@ -189,14 +189,14 @@ def test_task_registry_holds_the_papers_tasks(task_registry):
 
 def test_a_new_task_is_one_entry(task_registry):
     """A raw-image QA task registered once is known to the aliases, the specs, the modality rule, the
-    CLI's choices and the evaluator's video check, without any other edit."""
+    CLI's choices and the Table-2 row (its metric and column), without any other edit."""
     from vlpet.cli import build_parser
     from vlpet.data.tasks import Task, TaskSpec, register_task
 
     def build(o):
         return TaskSpec("rawqa", o.prompt("rawqa: "), 32, 8, 1, "sample", False, o.qa_decode())
 
-    register_task(Task("rawqa", "image", "qa", build, aliases=("raw-qa",)))
+    register_task(Task("rawqa", "image", "qa", build, metric="score", column="RawQA", aliases=("raw-qa",)))
     t = task_registry
     assert t.canonical_task("RAW-QA") == "rawqa" and "rawqa" in t.task_names("image", "qa")
     spec = t.get_task_spec("raw-qa", use_prompts=False, qa_max_new_tokens=3)
@@ -207,6 +207,12 @@ def test_a_new_task_is_one_entry(task_registry):
     args = build_parser().parse_args(["predict", "--checkpoint", "c", "--data-root", "d", "--task", "rawqa",
                                       "--output", "o.json"])
     assert args.task == "rawqa"
+    from vlpet.train.evaluate import table_row
+
+    avg, header, row = table_row("m", 1.5, {"rawqa": {"accuracy": 9.0, "score": 40.0}, "vqa": {"accuracy": 70.0}},
+                                 ("rawqa", "vqa"))
+    assert avg == 55.0 and header.splitlines()[0] == "| Method | Params % | RawQA | VQA | Avg |"
+    assert row == "| m | 1.50 | 40.00 | 70.00 | 55.00 |"
     with pytest.raises(ConfigError, match=r"name\(s\) \['vqav2'\] already registered"):
         register_task(Task("vqa2", "image", "qa", build, aliases=("vqav2",)))
     with pytest.raises(ConfigError, match="modality 'audio'"):

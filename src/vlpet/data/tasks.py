@@ -53,13 +53,16 @@ KINDS = ("qa", "classification", "caption")
 
 @dataclass(frozen=True)
 class Task:
-    """One task of the registry: its canonical name, modality, output kind, aliases and the builder of
-    its :class:`TaskSpec` (``build(options) -> TaskSpec``, options: see :func:`get_task_spec`)."""
+    """One task of the registry: its canonical name, modality, output kind, the builder of its
+    :class:`TaskSpec` (``build(options) -> TaskSpec``, options: see :func:`get_task_spec`), the score
+    it contributes to a Table-2 row (and Avg), that row's column title, and its aliases."""
 
     name: str
     modality: str
     kind: str
     build: Callable[["_SpecOptions"], "TaskSpec"]
+    metric: str = "accuracy"
+    column: str = ""
     aliases: tuple[str, ...] = ()
 
 
@@ -232,16 +235,19 @@ def _video(name: str, splits: dict[str, tuple[str, ...]]) -> Callable[[_SpecOpti
 
 
 _RELEASE = {"train": ("train_release",), "val": ("val_release",), "test": ("test_release",)}
-register_task(Task("vqa", "image", "qa", _vqa, aliases=("vqav2",)))
-register_task(Task("gqa", "image", "qa", _gqa))
-register_task(Task("nlvr", "image", "classification", _nlvr, aliases=("nlvr2",)))
-register_task(Task("caption", "image", "caption", _caption, aliases=("coco", "coco_caption", "captioning")))
+register_task(Task("vqa", "image", "qa", _vqa, column="VQA", aliases=("vqav2",)))
+register_task(Task("gqa", "image", "qa", _gqa, column="GQA"))
+register_task(Task("nlvr", "image", "classification", _nlvr, column="NLVR2", aliases=("nlvr2",)))
+register_task(Task("caption", "image", "caption", _caption, metric="CIDEr", column="COCO CIDEr",
+                   aliases=("coco", "coco_caption", "captioning")))
 register_task(Task("tvqa", "video", "qa", _video(
-    "tvqa", {"train": ("train",), "val": ("val",), "test": ("test_public", "test_release")})))
+    "tvqa", {"train": ("train",), "val": ("val",), "test": ("test_public", "test_release")}), column="TVQA"))
 register_task(Task("how2qa", "video", "qa", _video(
-    "how2qa", {"train": ("train_release",), "val": ("val_release",), "test": ("test_public_release",)})))
-register_task(Task("tvc", "video", "caption", _video("tvc", _RELEASE)))
-register_task(Task("yc2c", "video", "caption", _video("yc2c", _RELEASE), aliases=("youcook2",)))
+    "how2qa", {"train": ("train_release",), "val": ("val_release",), "test": ("test_public_release",)}),
+    column="How2QA"))
+register_task(Task("tvc", "video", "caption", _video("tvc", _RELEASE), metric="multi_ref/CIDEr", column="TVC"))
+register_task(Task("yc2c", "video", "caption", _video("yc2c", _RELEASE), metric="multi_ref/CIDEr", column="YC2C",
+                   aliases=("youcook2",)))
 
 # The paper's tasks at import time (a task registered later is reached through task_names()).
 TASKS = task_names("image")

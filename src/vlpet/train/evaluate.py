@@ -22,14 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.sampler import TaskBatchLoader
-from ..data.tasks import is_video_task, task_entry
-from ..data.tasks import TaskSpec, class_token_ids
-
-# The number each task contributes to a Table-2 row (and to Avg).
-MAIN_METRIC = {"vqa": "accuracy", "gqa": "accuracy", "nlvr": "accuracy", "caption": "CIDEr",
-               "tvqa": "accuracy", "how2qa": "accuracy", "tvc": "multi_ref/CIDEr", "yc2c": "multi_ref/CIDEr"}
-TABLE_COLUMNS = {"vqa": "VQA", "gqa": "GQA", "nlvr": "NLVR2", "caption": "COCO CIDEr",
-                 "tvqa": "TVQA", "how2qa": "How2QA", "tvc": "TVC", "yc2c": "YC2C"}
+from ..data.tasks import TaskSpec, class_token_ids, is_video_task, task_entry
 
 
 def autocast(device: torch.device, precision: str):
@@ -161,9 +154,9 @@ def _merged_vqa_annotations(stamp: tuple):
 def table_row(label: str, params_percent: float | None, task_scores: dict[str, dict[str, float]],
               tasks) -> tuple[float, str, str]:
     """(Avg, Markdown header, Markdown row) in the layout of the paper's Table 2."""
-    values = [task_scores[t][MAIN_METRIC[t]] for t in tasks]
+    values = [task_scores[t][task_entry(t).metric] for t in tasks]
     avg = sum(values) / len(values)
-    header = "| Method | Params % | " + " | ".join(TABLE_COLUMNS[t] for t in tasks) + " | Avg |"
+    header = "| Method | Params % | " + " | ".join(task_entry(t).column or t for t in tasks) + " | Avg |"
     sep = "|" + "---|" * (len(tasks) + 3)
     pp = f"{params_percent:.2f}" if params_percent is not None else "-"
     row = f"| {label} | {pp} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {avg:.2f} |"

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, load_trainable, save_adapter
 from ..data.tasks import TASKS as IMAGE_TASKS
-from ..data.tasks import task_modality
+from ..data.tasks import task_entry, task_modality
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..backbones.attention import preferred_attention
 from ..frozen_precision import apply_frozen_dtype, resolve_frozen_dtype
@@ -579,15 +579,13 @@ class Trainer:
         barrier(self.dist)
         if not scores:
             return
-        from .evaluate import MAIN_METRIC
-
-        avg = float(np.mean([scores[t][MAIN_METRIC[t]] for t in scores]))
+        avg = float(np.mean([scores[t][task_entry(t).metric] for t in scores]))
         rec = {"step": self.micro_step, "epoch": epoch, "val/avg": avg}
         for t, s in scores.items():
             for k, v in s.items():
                 rec[f"val/{t}/{k}"] = v
         self._log(rec)
-        print(f"epoch {epoch}: validation " + ", ".join(f"{t} {s[MAIN_METRIC[t]]:.2f}" for t, s in scores.items())
+        print(f"epoch {epoch}: validation " + ", ".join(f"{t} {s[task_entry(t).metric]:.2f}" for t, s in scores.items())
               + f" | avg {avg:.2f}")
         if self.best is None or avg > self.best["avg"]:
             self.best = {"avg": avg, "epoch": epoch, "step": self.micro_step}
