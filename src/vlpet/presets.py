@@ -5,6 +5,10 @@ optimisation settings, spec §4.5-§4.6). Settings per backbone family (spec §4
     BART: r = r_g = 96, N_h = 4, s = 1.0, lr 1e-3, default N(0, 0.02) init, VQA batch 500
     T5:   r = r_g = 192, N_h = 4, s = 0.3, lr 3e-4, zero-init of adapter-up, gate and VPA-up, batch 300
     video (BART): as BART image-text but lr 7e-4, batch 50
+
+Presets are a registry: `@register_preset(name, group)` on a builder `(family settings, d_model) ->
+MethodConfig`; names resolve by lookup, and PRESETS / TABLE2 / TABLE9 / BASELINES are lists of it.
+The family settings are FAMILIES[`ArchSpec.family`] (a new family is one entry there).
 """
 
 from __future__ import annotations
