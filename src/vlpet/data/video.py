@@ -75,7 +75,7 @@ import numpy as np
 from .errors import DataError
 from .layout import VLAdapterLayout, resolve_data_root
 from .records import _Rec, _typename
-from .tasks import task_names
+from .tasks import task_entry, task_names
 
 __all__ = [
     "VIDEO_TASKS",
@@ -121,19 +121,23 @@ TRUNCATIONS = ("end", "subtitles")
 @dataclass(frozen=True)
 class VideoTaskInfo:
     name: str
-    kind: str  # "qa" | "caption"
     source: str  # subtitles file and feature folder: tv | how2 | yc2
     n_choices: int | None  # QA only
     uses_ts: bool  # "[TS] (<ts>)" in the text
     file_splits: tuple[str, ...]  # every annotation file split that exists
 
+    @property
+    def kind(self) -> str:
+        """The output kind ("qa" | "caption"), from the task registry."""
+        return task_entry(self.name).kind
+
 
 VIDEO_TASK_INFO = {
-    "tvqa": VideoTaskInfo("tvqa", "qa", "tv", 5, True, ("train", "val", "test_public", "test_release")),
-    "how2qa": VideoTaskInfo("how2qa", "qa", "how2", 4, True,
+    "tvqa": VideoTaskInfo("tvqa", "tv", 5, True, ("train", "val", "test_public", "test_release")),
+    "how2qa": VideoTaskInfo("how2qa", "how2", 4, True,
                             ("train_release", "val_release", "test_public_release")),
-    "tvc": VideoTaskInfo("tvc", "caption", "tv", None, True, ("train_release", "val_release", "test_release")),
-    "yc2c": VideoTaskInfo("yc2c", "caption", "yc2", None, False, ("train_release", "val_release", "test_release")),
+    "tvc": VideoTaskInfo("tvc", "tv", None, True, ("train_release", "val_release", "test_release")),
+    "yc2c": VideoTaskInfo("yc2c", "yc2", None, False, ("train_release", "val_release", "test_release")),
 }
 
 
