@@ -110,7 +110,12 @@ def _saved_bytes(model, batch, labels):
 
 
 @pytest.mark.parametrize("arch", ("bart", "t5"))
-def test_recompute_really_recomputes_and_stores_less(build, one_thread, arch):
+def test_recompute_really_recomputes_and_stores_less(build, one_thread, arch, monkeypatch):
+    import vlpet.recompute as rc
+
+    regions = []
+    real = rc.checkpoint
+    monkeypatch.setattr(rc, "checkpoint", lambda *a, **k: regions.append(1) or real(*a, **k))
     model = _model(build, arch, "large")
     batch, labels = _inputs(arch)
     calls = _gate_calls(model)
@@ -122,6 +127,8 @@ def test_recompute_really_recomputes_and_stores_less(build, one_thread, arch):
     calls.clear()
     _step(model, batch, labels)
     assert len(calls) == 2 * n_gates  # forward, then again in the backward
+    n_vpa = sum(isinstance(m, ParallelLinear) for m in model.modules())
+    assert len(regions) == n_gates + n_vpa and n_vpa > 0
     on = _saved_bytes(model, batch, labels)
     # at least G and Y = H + ΔH ([B, N, D] fp32) per gated sub-layer are no longer stored
     n_tokens = batch["input_ids"].shape[1] + 36  # text + 6x6 pooled visual tokens
@@ -129,9 +136,10 @@ def test_recompute_really_recomputes_and_stores_less(build, one_thread, arch):
     assert off - on >= 2 * full * n_gates, (off, on, full, n_gates)
     # no autograd, no checkpoint: generation-time forwards are the plain call, and match
     calls.clear()
+    regions.clear()
     with torch.no_grad():
         out = model(**batch, labels=labels, return_loss=False, task="vqa").logits
-    assert len(calls) == n_gates
+    assert len(calls) == n_gates and not regions
     set_recompute(model, False)
     with torch.no_grad():
         assert torch.equal(out, model(**batch, labels=labels, return_loss=False, task="vqa").logits)
