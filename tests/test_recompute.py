@@ -86,6 +86,24 @@ def test_recompute_equals_stored(build, one_thread, arch, case):
     _assert_same(ref, _step(model, batch, labels))
 
 
+@pytest.mark.parametrize("arch", ("bart", "t5"))
+def test_recompute_equals_stored_bf16(build, one_thread, arch):
+    """The benchmark's setting: bf16 frozen backbone under bf16 autocast (the recompute re-enters the
+    forward's autocast state, so the same bf16 ops run again)."""
+    model = _model(build, arch, "large")
+    model.set_frozen_dtype(torch.bfloat16)
+    batch, labels = _inputs(arch)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _step(model, batch, labels)
+
+    ref = step()
+    assert ref[0].dtype == torch.bfloat16
+    set_recompute(model, True)
+    _assert_same(ref, step())
+
+
 def _gate_calls(model):
     calls = []
     for m in model.modules():
