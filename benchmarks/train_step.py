@@ -37,6 +37,27 @@ DEFAULT_METHODS = ("floor", "full", "lora", "vl-adapter", "vl-pet-small", "vl-pe
 VL_PET = ("vl-pet-small", "vl-pet-middlex", "vl-pet-middley", "vl-pet-large")
 PLAIN = ("plain-frozen", "plain-full", "plain-peft-lora")
 CLIP = 5.0
+RC = "+rc"  # method suffix: the same preset with the PET activations recomputed in the backward (issue 19)
+
+
+def split_rc(method: str) -> tuple[str, bool]:
+    """("vl-pet-large+rc") -> ("vl-pet-large", True)."""
+    return (method[: -len(RC)], True) if method.endswith(RC) else (method, False)
+
+
+def expand_recompute(methods: list[str], mode: str) -> list[str]:
+    """--recompute off: as given; on: every PET method gets +rc; both: each PET method, then its +rc twin."""
+    out = []
+    for m in methods:
+        base, rc = split_rc(m)
+        pet = not rc and base not in PLAIN and base not in ("floor", "full", "lora")
+        if mode == "on" and pet:
+            out.append(base + RC)
+        else:
+            out.append(m)
+            if mode == "both" and pet:
+                out.append(base + RC)
+    return list(dict.fromkeys(out))
 
 
 # -- plain transformers reference rows (no vlpet module in the model) -----------------------------------
@@ -181,12 +202,18 @@ def build(backbone: str, method: str, args, device):
     from vlpet.train.optim import build_optimizer
 
     plain = method in PLAIN
+    method, rc = split_rc(method)
     if plain:
         model = build_plain(backbone, method, args.tiny)
         lr = 1e-4 if method == "plain-full" else 1e-3
         make_opt = lambda: plain_optimizer(model, lr, device)  # noqa: E731
     else:
         model = B.build_vl(backbone, method, args.tiny)
+        if rc:
+            from vlpet.recompute import set_recompute
+
+            if not set_recompute(model, True):
+                raise ValueError(f"--methods {method}{RC}: {method} has no PET module to recompute")
         lr = B.learning_rate(method, backbone)
         make_opt = lambda: build_optimizer(model, lr)  # noqa: E731  (fused when the params are on CUDA)
     model.to(device).train()
@@ -217,6 +244,7 @@ def run_matrix(args, device, data: dict, writer: B.ResultWriter) -> None:
     for backbone in args.backbones:
         bsz = args.batch or (4 if args.tiny else B.PAPER_BATCH[backbone])
         methods = list(args.methods) + ([m for m in PLAIN if m not in args.methods] if args.baselines else [])
+        methods = expand_recompute(methods, args.recompute)
         for method in methods:
             key = f"{backbone}/{method}"
             if deadline.passed():
@@ -274,6 +302,7 @@ def run_matrix(args, device, data: dict, writer: B.ResultWriter) -> None:
                         "attn_implementation": B.attn_impl(model.hf if plain else model.backbone),
                         "final_loss": round(final_loss, 4), "build_s": round(build_s, 2), "warmup_s": round(warm_s, 2),
                         "plain_transformers": plain, "frozen_dtype": frozen, "compile": args.compile,
+                        "pet_recompute": split_rc(method)[1],
                         "sdpa": ("default" if plain else "efficient-first") if args.sdpa_backend == "auto"
                         else args.sdpa_backend,
                     }
@@ -293,7 +322,7 @@ def run_matrix(args, device, data: dict, writer: B.ResultWriter) -> None:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 data["ratios"] = ratios(results)
-                data["targets"] = targets(results, data["ratios"], device, args.tiny)
+                data["targets"] = targets(results, data["ratios"], device, args.tiny, args.compile)
                 writer.write(data)
             del model, batch
             B.reset_memory(device)
@@ -322,6 +351,14 @@ def ratios(results: dict) -> dict:
             for p in PLAIN:
                 d[f"vl-pet-large/{p} step"] = B.ratio(get("vl-pet-large", "step_ms"), get(p, "step_ms"))
                 d[f"vl-pet-large/{p} mem"] = B.ratio(get("vl-pet-large", "peak_mem_gb"), get(p, "peak_mem_gb"))
+            # issue 19: what recomputing the PET activations changes, and where each row stands to the floor
+            for m in list(r):
+                base, rc = split_rc(m)
+                if rc:
+                    d[f"{m}/{base} step"] = B.ratio(get(m, "step_ms"), get(base, "step_ms"))
+                    d[f"{m}/{base} mem"] = B.ratio(get(m, "peak_mem_gb"), get(base, "peak_mem_gb"))
+                    d[f"{m}/floor step"] = B.ratio(get(m, "step_ms"), get("floor", "step_ms"))
+                    d[f"{m}/floor mem"] = B.ratio(get(m, "peak_mem_gb"), get("floor", "peak_mem_gb"))
             d["floor/plain-frozen step"] = B.ratio(get("floor", "step_ms"), get("plain-frozen", "step_ms"))
             d["full/plain-full step"] = B.ratio(get("full", "step_ms"), get("plain-full", "step_ms"))
             d["lora/plain-peft-lora step"] = B.ratio(get("lora", "step_ms"), get("plain-peft-lora", "step_ms"))
@@ -329,7 +366,7 @@ def ratios(results: dict) -> dict:
     return out
 
 
-def targets(results: dict, rat: dict, device, tiny: bool) -> list[dict]:
+def targets(results: dict, rat: dict, device, tiny: bool, compiled: bool = False) -> list[dict]:
     """Issue 8's targets, checked where the figures exist. Absolute ones (40 ms, 8 GiB) are for
     VL-BART-base bf16 at the paper batch on a GPU; the ratio ones are reported for every backbone/precision."""
     out = []
@@ -353,6 +390,17 @@ def targets(results: dict, rat: dict, device, tiny: bool) -> list[dict]:
             add("vl-pet-large/full mem", backbone, precision, d.get("vl-pet-large/full mem"), "<=", 0.6)
             for v in VL_PET:
                 add(f"{v}/lora step", backbone, precision, d.get(f"{v}/lora step"), "<=", 1.0)
+            # issue 19 (bf16): BART compiled <= 1.05x floor time (eager 1.15x), <= 1.10x memory;
+            # T5 compiled <= 1.10x time, <= 1.15x memory
+            if precision == "bf16" and backbone in ("bart-base", "t5-base"):
+                t5 = backbone == "t5-base"
+                step_lim = (1.10 if t5 else 1.05) if compiled else (None if t5 else 1.15)
+                mem_lim = 1.15 if t5 else 1.10
+                for m in ("vl-pet-large", "vl-pet-large" + RC):
+                    if step_lim:
+                        add(f"issue19 {m}/floor step", backbone, precision, d.get(f"{m}/floor step"), "<=", step_lim)
+                    if compiled:
+                        add(f"issue19 {m}/floor mem", backbone, precision, d.get(f"{m}/floor mem"), "<=", mem_lim)
     return out
 
 
@@ -492,6 +540,10 @@ def parse_args(argv=None):
                                               "math"), default="auto",
                    help="attention kernels: auto (vlpet rows as `vlpet train` runs them, efficient-first; plain rows "
                         "PyTorch's default), an order, or one forced kernel")
+    p.add_argument("--recompute", choices=("off", "on", "both"), default="off",
+                   help="issue 19: recompute the PET activations in the backward (vlpet.recompute) for the PET "
+                        "methods: off, on (rows named <method>+rc), or both (each PET method, then its +rc twin, "
+                        "in one run); a method may also be named <method>+rc directly")
     p.add_argument("--explain", action="store_true", help="print torch._dynamo.explain graph breaks per config")
     p.add_argument("--memory-budget", type=float, default=None,
                    help="with --compile: torch._functorch.config.activation_memory_budget (1.0 = save what the "
@@ -529,6 +581,7 @@ def parse_args(argv=None):
         if b not in B.PAPER_BATCH:
             p.error(f"--backbones: {b!r} is not one of {', '.join(B.PAPER_BATCH)}")
     for m in args.methods:
+        m = split_rc(m)[0]
         if m != "floor" and m not in PLAIN:
             B.method_config(m, "bart-base")  # raises ConfigError naming the allowed presets
     for pr in args.precisions:
@@ -547,7 +600,8 @@ def main(argv=None) -> int:
 
         fconfig.activation_memory_budget = args.memory_budget
     extra = dict(tf, loss_path=args.loss_path, compile=args.compile, memory_budget=args.memory_budget,
-                 compile_mode=args.compile_mode, sdpa_backend=args.sdpa_backend, frozen_dtype=args.frozen_dtype, tiny=args.tiny, steps=args.steps,
+                 compile_mode=args.compile_mode, sdpa_backend=args.sdpa_backend, frozen_dtype=args.frozen_dtype,
+                 recompute=args.recompute, tiny=args.tiny, steps=args.steps,
                  warmup=args.warmup, text_len=B.TEXT_LEN, vis_feats_shape=[B.GRID, B.FEAT_DIM], visual_tokens=36,
                  target_len=B.TARGET_LEN, clip_norm=CLIP, optimizer="AdamW (fused on CUDA), eps 1e-6, wd 0.01",
                  peak_mem_unit="GiB (2^30 bytes), torch.cuda.max_memory_allocated")

@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .granularity import GatedModification, make_gate
 from .method import PROJECTION_PLACEMENTS, MethodConfig, ModuleSpec
 from .methods.adapter import Bottleneck, ParallelLinear, PHMBottleneck
+from .recompute import run_pet
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -72,10 +73,8 @@ class GatedSublayer(nn.Module):
             x = args[0] if args else kwargs["hidden_states"]
         ctx = self._ctx[0]
         mask = ctx.mask if ctx.active else None
-        if self.parallel:
-            new = self.pet.forward_parallel(h, x, mask)
-        else:
-            new = self.pet(h, x, mask)
+        # issue 19: run_pet recomputes the PET module in the backward when self.pet_recompute is set
+        new = run_pet(self, self.pet.forward_parallel if self.parallel else self.pet, h, x, mask)
         if self.output_index is None:
             return new
         out = list(out)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..granularity import gelu_new
+from ..recompute import run_pet
 
 
 class Bottleneck(nn.Module):
@@ -86,4 +87,5 @@ class ParallelLinear(nn.Module):
         self.delta = delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.delta(x)
+        # issue 19: run_pet recomputes the adapter in the backward when self.pet_recompute is set
+        return self.base_layer(x) + run_pet(self, self.delta, x)

@@ -1,0 +1,65 @@
+"""Recompute the PET activations in the backward instead of storing them (issue 19).
+
+Without it, a gated sub-layer keeps for its backward, besides the frozen backbone's own tensors, the
+full-width [tokens x D] tensors of the PET module: H (the down-projection's input), G (the sigmoid's
+output) and Y = H + ΔH (the gated product's other factor), plus the bottleneck activations. With it,
+the PET call runs under `torch.utils.checkpoint` (non-reentrant, so torch.compile traces it as one
+region that its partitioner recomputes): only the call's inputs H, X and the mask are kept (X is the
+sub-layer's input, which the backbone keeps anyway), and the bottlenecks, up-projections, gate and
+gated product run again in the backward. The recomputed forward is the same code on the same
+inputs, so outputs and gradients equal the stored path's (tests/test_recompute.py).
+
+It wraps any callable, so it does not depend on the gate kind or on how the PET module is written:
+`GatedSublayer.forward` and `ParallelLinear.forward` call `run_pet(self, fn, *args)`, which checks
+the owner's `pet_recompute` flag. Switch it per model with `set_recompute(model, True)`.
+Without autograd (generation, evaluation under no_grad) the call is direct either way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# Off by default: on GPU it trades recompute time for memory; benchmarks/README.md has the figures.
+RECOMPUTE_DEFAULT = False
+
+
+def _has_randomness(module: nn.Module) -> bool:
+    # a dropout inside the PET module must replay the same mask in the recompute; nothing else draws
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+
+
+def run_pet(owner: nn.Module, fn, *args):
+    """fn(*args), recomputed in the backward when `owner.pet_recompute` is set and autograd records."""
+    if not getattr(owner, "pet_recompute", RECOMPUTE_DEFAULT) or not torch.is_grad_enabled():
+        return fn(*args)
+    # RNG state is saved only if the module can draw (saving it costs host time per call)
+    rng = getattr(owner, "_pet_recompute_rng", True)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=rng)
+
+
+def _owners(model: nn.Module):
+    from .methods.adapter import ParallelLinear
+    from .placement import GatedSublayer
+
+    for m in model.modules():
+        if isinstance(m, (GatedSublayer, ParallelLinear)):
+            yield m
+
+
+def set_recompute(model: nn.Module, enabled: bool = True) -> int:
+    """Turn recomputation of every gated sub-layer's PET module and every parallel (VPA) adapter of
+    `model` on or off; returns how many modules were switched."""
+    n = 0
+    for m in _owners(model):
+        m.pet_recompute = bool(enabled)
+        m._pet_recompute_rng = _has_randomness(m.pet if hasattr(m, "pet") else m.delta)
+        n += 1
+    return n
+
+
+def recompute_enabled(model: nn.Module) -> bool | None:
+    """True / False when every PET owner agrees, None when the model has none or they are mixed."""
+    flags = {bool(getattr(m, "pet_recompute", RECOMPUTE_DEFAULT)) for m in _owners(model)}
+    return flags.pop() if len(flags) == 1 else None
