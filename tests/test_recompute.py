@@ -230,7 +230,7 @@ def test_recompute_under_compile(build, one_thread, arch, case):
 
 
 def test_case_table_covers_every_gate_kind():
-    from vlpet.granularity import GATE_KINDS
+    from vlpet.granularity import gate_kinds
 
     kinds = {_method(c, "bart").modules[0].gate.kind for c in CASES}
-    assert kinds == set(GATE_KINDS)
+    assert kinds == set(gate_kinds())
