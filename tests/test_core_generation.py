@@ -18,10 +18,18 @@ def test_generate_same_with_and_without_cache(build, arch, preset):
     outs = [model.generate(**batch, task="vqa", max_new_tokens=4, num_beams=2, use_cache=c) for c in (True, False)]
     assert outs[0].shape[0] == 2 and 2 <= outs[0].shape[1] <= 5
     assert torch.equal(outs[0], outs[1])
-    # two-image (NLVR2) input generates too
+    # two-image (NLVR2) input: both images reach the encoder, and generation is the plain greedy decoding
     two = make_batch(arch, images=2, seed=22)
-    ids = model.generate(**two, task="nlvr", max_new_tokens=2, num_beams=1, use_cache=True)
-    assert ids.shape[0] == 2
+    ids = model.generate(**two, task="nlvr", max_new_tokens=3, min_new_tokens=3, num_beams=1, use_cache=True)
+    assert torch.equal(ids, _greedy_reference(model, two, 3, task="nlvr"))
+    with torch.no_grad(), model.task_context("nlvr"):
+        enc, mask = model.encode(**two)
+        other = dict(two, vis_feats=two["vis_feats"].clone())
+        other["vis_feats"][:, 1] += 1.0  # only the second image changes
+        enc2, _ = model.encode(**other)
+    prompt = model.prompt.length if model.prompt is not None else 0
+    assert enc.last_hidden_state.shape[1] == mask.shape[1] == prompt + two["input_ids"].shape[1] + 2 * 36
+    assert not torch.allclose(enc.last_hidden_state, enc2.last_hidden_state)
 
 
 def _vpa_deltas(model, arch):
@@ -70,13 +78,13 @@ def opinionated_backbones(tmp_path_factory):
 
 
 @torch.no_grad()
-def _greedy_reference(model, batch, steps: int):
+def _greedy_reference(model, batch, steps: int, task: str | None = None):
     """Plain argmax decoding written out step by step (no cache); EOS is masked, as the test's explicit
     min_new_tokens asks."""
     start, eos = model.backbone.config.decoder_start_token_id, model.backbone.config.eos_token_id
     dec = torch.full((batch["input_ids"].shape[0], 1), start, dtype=torch.long)
     for _ in range(steps):
-        logits = model(**batch, decoder_input_ids=dec, return_loss=False).logits[:, -1]
+        logits = model(**batch, decoder_input_ids=dec, task=task, return_loss=False).logits[:, -1]
         logits[:, eos] = float("-inf")
         dec = torch.cat([dec, logits.argmax(-1, keepdim=True)], dim=1)
     return dec
