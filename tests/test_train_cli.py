@@ -103,3 +103,18 @@ def test_predict_writes_submission_formats(run, tmp_path, task, id_key, value_ke
     if task != "caption":
         reported = json.loads((out / "results.json").read_text())["test"]["last"][task]["accuracy"]
         assert _score(data, task, preds) == pytest.approx(reported, abs=1e-6)
+
+
+def test_every_train_flag_reaches_train_config():
+    """Each `vlpet train` option's destination is a TrainConfig field that cmd_train passes on (no flag parsed and
+    then dropped), and a field without a flag (clip_norm, ...) is simply never set from the command line."""
+    import dataclasses
+
+    from vlpet.cli import build_parser, train_keys
+    from vlpet.train.loop import TrainConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    dests = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert dests <= set(train_keys()) <= fields, dests - set(train_keys())
+    assert "debug" not in train_keys()
