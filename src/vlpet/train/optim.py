@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backbones.norms import is_norm
+
 
 def _norm_param_ids(model: nn.Module) -> set[int]:
-    from ..model import _is_norm
-
     ids = set()
     for m in model.modules():
-        if _is_norm(m):
+        if is_norm(m):
             ids.update(id(p) for p in m.parameters(recurse=False))
     return ids
 
