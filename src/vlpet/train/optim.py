@@ -37,11 +37,12 @@ def param_groups(model: nn.Module, weight_decay: float = 0.01, official_ln_decay
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, eps: float = 1e-6,
-                    official_ln_decay: bool = False, fused: bool | None = None) -> torch.optim.Optimizer:
+                    official_ln_decay: bool = False, fused: bool | None = None,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay, official_ln_decay)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
     kwargs = {"fused": True} if (fused if fused is not None else on_cuda) else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=eps, **kwargs)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
 
 
 LR_SCHEDULES = ("linear", "constant")
