@@ -404,4 +404,3 @@ def test_perturb_is_effective(build):
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         if p.requires_grad:
             assert not torch.equal(p, q), n
-
