@@ -311,8 +311,9 @@ def test_facts_rules():
 
 
 def test_readers_accept_the_files(built):
-    """Cross-check with the project's own validated readers, when they are present."""
-    records = pytest.importorskip("vlpet.data.records")
+    """Cross-check with the project's own validated readers (a plain import: our own module must not
+    turn an ImportError into a skip)."""
+    from vlpet.data import records
     root = built[0]
     for s in ("train", "val", "test"):
         assert records.read_vqa(root / f"vqa/karpathy_{s}.json")
@@ -543,5 +544,8 @@ def test_sampler_draws_scene_documents_in_their_share():
             _src, target = sampler.example(rng)
             (kind,) = [k for k, m in marks.items() if m in target]
             kinds[kind] += 1
-        assert abs(kinds["scene"] / 2000 - share) < 0.04, kinds
+        if share == 0.0:  # switched off means never, not rarely
+            assert kinds["scene"] == 0, kinds
+        else:
+            assert abs(kinds["scene"] / 2000 - share) < 0.04, kinds
         assert abs(kinds["demo"] / 2000 - 0.3) < 0.04, kinds

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -21,19 +23,41 @@ def _load():
     return mod
 
 
+def _has_type(value, hint) -> bool:
+    """isinstance against a dataclass annotation (X | None, dict | None, float accepting an int)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for t in options:
+        t = typing.get_origin(t) or t
+        if t is type(None) and value is None:
+            return True
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if t is not type(None) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return True
+    return False
+
+
 def test_every_configuration_is_a_demo_setting_and_a_preset():
     from vlpet.demo.run import DEMO_TASKS
     from vlpet.train.loop import TrainConfig
 
+    from transformers import BartConfig
+
+    from vlpet.demo.pretrain import DEFAULT_TRAIN_CONFIG
+
     mod = _load()
     fields = {f.name for f in dataclasses.fields(DemoSettings)}
+    hints = typing.get_type_hints(DemoSettings)
+    known = {"plm_model": set(BartConfig().to_dict()), "plm_train": set(DEFAULT_TRAIN_CONFIG)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, (method, overrides) in mod.CONFIGS.items():
         demo_fields, extra = mod.split_overrides(overrides)
         assert set(demo_fields) <= fields, name
-        s = dataclasses.replace(DemoSettings(), **demo_fields)
-        for k, v in demo_fields.items():
-            assert getattr(s, k) == v
+        for k, v in demo_fields.items():  # each value has its field's declared type
+            assert _has_type(v, hints[k]), (name, k, v, hints[k])
+        for k in ("plm_model", "plm_train"):
+            if demo_fields.get(k):
+                assert set(demo_fields[k]) <= known[k], (name, k, set(demo_fields[k]) - known[k])
         assert extra["tasks"] and set(extra["tasks"]) <= set(DEMO_TASKS), name
         assert isinstance(extra["seed"], int), name
         assert isinstance(extra["r_ref"], int) and extra["r_ref"] > 0, name

@@ -112,14 +112,24 @@ def test_tied_embedding_stays_tied_and_checkpoint_is_fp32(build, one_thread, tmp
 
 
 def test_back_to_fp32_removes_the_hooks(build, one_thread):
-    _, b = _pair(build, "bart", "vl-pet-small")
+    """bf16 -> fp32: no norm hook is left, every tensor is fp32 again and the model computes exactly what an fp32
+    model whose frozen backbone tensors were rounded to bf16 by hand computes (trainable tensors never rounded)."""
+    a, b = _pair(build, "bart", "vl-pet-small")
     assert b._norm_dtype_hooks
     b.set_frozen_dtype(torch.float32)
     assert not b._norm_dtype_hooks
+    assert not [n for n, m in b.named_modules() if m._forward_hooks], "a dtype hook is still registered"
     assert all(p.dtype == torch.float32 for p in b.parameters())
     with torch.no_grad():
-        out = b(**make_batch("bart"), labels=torch.ones(2, 3, dtype=torch.long), return_loss=False)
+        for p in a.backbone.parameters():
+            if not p.requires_grad:
+                p.copy_(p.to(torch.bfloat16).float())
+        batch = make_batch("bart")
+        labels = torch.ones(2, 3, dtype=torch.long)
+        out = b(**batch, labels=labels, return_loss=False)
+        ref = a(**batch, labels=labels, return_loss=False)
     assert out.logits.dtype == torch.float32
+    assert torch.equal(out.logits, ref.logits)
 
 
 def test_resolve_frozen_dtype():

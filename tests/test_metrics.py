@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from vlpet.errors import MetricError, MetricKeyError, MissingDependencyError, VLPetError
+
 try:
     import vlpet.metrics  # noqa: F401
 except ImportError:  # running from a checkout without `pip install -e .`
@@ -147,7 +149,7 @@ def test_vqa_does_not_mutate_inputs():
 
 
 def test_vqa_missing_annotation_raises():
-    with pytest.raises(KeyError, match="question id 7"):
+    with pytest.raises(MetricKeyError, match="^no VQA annotations for predicted question id 7$"):  # one line, no quotes
         vqa_accuracy({7: "yes"}, {1: ["yes"] * 10})
 
 
@@ -222,7 +224,7 @@ def test_gqa_accuracy():
 
 def test_nlvr2_group_id():
     assert nlvr2_group_id("train-10171-0-0") == "train-10171--0"
-    with pytest.raises(ValueError):
+    with pytest.raises(MetricError, match="train-10171-0"):
         nlvr2_group_id("train-10171-0")
 
 
@@ -328,7 +330,7 @@ def test_no_java_fallback_skips_java_metrics(monkeypatch):
     msgs = " ".join(str(w.message) for w in rec)
     assert "fallback" in msgs and "METEOR skipped" in msgs and "SPICE skipped" in msgs
     assert list(got) == ["CIDEr"]
-    with pytest.raises(RuntimeError, match="Java"):
+    with pytest.raises(MissingDependencyError, match="Java"):
         caption_scores(PREDS, REFS, metrics=("CIDEr",), tokenizer="ptb")
 
 
@@ -345,12 +347,12 @@ def test_failing_optional_metric_warns(monkeypatch):
 
 
 def test_caption_argument_errors(monkeypatch):
-    with pytest.raises(ValueError, match="unknown caption metric"):
+    with pytest.raises(MetricError, match="unknown caption metric"):
         caption_scores(PREDS, REFS, metrics=("CIDEr-D",))
-    with pytest.raises(KeyError, match="img9"):
+    with pytest.raises(MetricKeyError, match="img9"):
         caption_scores({"img9": "a cat"}, REFS, metrics=("CIDEr",), tokenizer="simple")
     monkeypatch.setitem(sys.modules, "pycocoevalcap.cider.cider", None)
-    with pytest.raises(ImportError, match=r"pip install 'vlpet\[demo\]'"):
+    with pytest.raises(MissingDependencyError, match=r"pip install 'vlpet\[demo\]'"):
         caption_scores(PREDS, REFS, metrics=("CIDEr",), tokenizer="simple")
 
 
@@ -393,7 +395,7 @@ def test_summarize_row_table2_avg():
     avg2, row2 = summarize_row(scores, tasks=["GQA", "VQA"])
     assert avg2 == pytest.approx((55.11 + 66.17) / 2) and row2 == "| 55.11 | 66.17 | 60.64 |"
     assert markdown_header(["VQA", "GQA"]).splitlines() == ["| Method | VQA | GQA | Avg |", "|---|---|---|---|"]
-    with pytest.raises(KeyError):
+    with pytest.raises(MetricKeyError, match="TVQA"):
         summarize_row(scores, tasks=["VQA", "TVQA"])
 
 
@@ -415,3 +417,10 @@ def test_meteor_matches_pycocoevalcap():
     res = tok.tokenize({k: [{"caption": v}] for k, v in PREDS.items()})
     expected = 100.0 * Meteor().compute_score(gts, res)[0]
     assert caption_scores(PREDS, REFS, metrics=("METEOR",), tokenizer="ptb")["METEOR"] == pytest.approx(expected)
+
+
+def test_metric_errors_are_vlpet_errors():
+    """The CLI prints a VLPetError as one line; a scorer's bad input is one, and keeps its old builtin base."""
+    assert issubclass(MetricError, (VLPetError, ValueError)) and issubclass(MetricKeyError, KeyError)
+    assert issubclass(AnnotationFormatError, MetricError)
+    assert issubclass(MissingDependencyError, (VLPetError, ImportError, RuntimeError))

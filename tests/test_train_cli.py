@@ -59,16 +59,62 @@ def test_evaluate_prints_a_table2_row(run, capsys):
     assert set(saved["results"]) == {"last", "best"}
 
 
-@pytest.mark.parametrize("task,check", [
-    ("vqa", lambda p: {"question_id", "answer"} == set(p[0])),
-    ("gqa", lambda p: {"questionId", "prediction"} == set(p[0])),
-    ("nlvr", lambda p: {"identifier", "prediction"} == set(p[0]) and p[0]["prediction"] in ("True", "False")),
-    ("caption", lambda p: {"image_id", "caption"} == set(p[0])),
-])
-def test_predict_writes_submission_formats(run, tmp_path, task, check):
+def _split_ids(data, task):
+    """The test split's ids, read from the fixture's files (not through vlpet)."""
+    if task == "vqa":
+        return [r["question_id"] for r in json.loads((data / "vqa/karpathy_test.json").read_text())]
+    if task == "gqa":
+        return [r["question_id"] for r in json.loads((data / "GQA/testdev.json").read_text())]
+    if task == "nlvr":
+        return [r["identifier"] for r in json.loads((data / "nlvr/test.json").read_text())]
+    images = json.loads((data / "COCO/dataset_coco.json").read_text())["images"]
+    return [im["filename"].rsplit(".", 1)[0] for im in images if im["split"] == "test"]
+
+
+def _score(data, task, preds):
+    """The run's test score recomputed from the submission file with the tasks' plain formulas (x100)."""
+    if task == "nlvr":
+        gold = {r["identifier"]: r["label"] for r in json.loads((data / "nlvr/test.json").read_text())}
+        return 100 * sum((p["prediction"] == "True") == bool(gold[p["identifier"]]) for p in preds) / len(preds)
+    name, key, answer = {"vqa": ("vqa/karpathy_test.json", "question_id", "answer"),
+                         "gqa": ("GQA/testdev.json", "questionId", "prediction")}[task]
+    labels = {r["question_id"]: r["label"] for r in json.loads((data / name).read_text())}
+    return 100 * sum(labels[p[key]].get(p[answer], 0.0) for p in preds) / len(preds)
+
+
+@pytest.mark.parametrize("task,id_key,value_key", [("vqa", "question_id", "answer"), ("gqa", "questionId", "prediction"),
+                                                   ("nlvr", "identifier", "prediction"), ("caption", "image_id", "caption")])
+def test_predict_writes_submission_formats(run, tmp_path, task, id_key, value_key):
+    """Every test example once, under the id its data file gives, with a value of the submission's type; the
+    accuracy recomputed from the file is the one the run reported for adapter-last (which `predict` reads)."""
     data, out = run
     target = tmp_path / f"{task}.json"
     assert main(["predict", "--checkpoint", str(out), "--data-root", str(data), "--task", task,
                  "--output", str(target), "--device", "cpu"]) == 0
     preds = json.loads(target.read_text())
-    assert preds and check(preds)
+    assert all(set(p) == {id_key, value_key} for p in preds)
+    ids = [p[id_key] for p in preds]
+    assert sorted(ids) == sorted(_split_ids(data, task)) and len(set(ids)) == len(ids)
+    values = [p[value_key] for p in preds]
+    if task == "nlvr":
+        assert set(values) <= {"True", "False"}
+    else:
+        assert all(isinstance(v, str) and v == v.strip() for v in values)
+    if task != "caption":
+        reported = json.loads((out / "results.json").read_text())["test"]["last"][task]["accuracy"]
+        assert _score(data, task, preds) == pytest.approx(reported, abs=1e-6)
+
+
+def test_every_train_flag_reaches_train_config():
+    """Each `vlpet train` option's destination is a TrainConfig field that cmd_train passes on (no flag parsed and
+    then dropped), and a field without a flag (clip_norm, ...) is simply never set from the command line."""
+    import dataclasses
+
+    from vlpet.cli import build_parser, train_keys
+    from vlpet.train.loop import TrainConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    dests = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert dests <= set(train_keys()) <= fields, dests - set(train_keys())
+    assert "debug" not in train_keys()

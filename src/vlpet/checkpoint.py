@@ -105,38 +105,6 @@ def check_compatible(cfg: dict, model, source: str) -> None:
                                   f"{model.backbone_name!r} has {key}={have.get(key)!r}")
 
 
-def load_adapter(folder, backbone: str | None = None, device=None, strict: bool = True):
-    from .backbones.loading import load_backbone
-    from .method import MethodConfig
-    from .model import VisualConfig, VLModel
-
-    folder = Path(folder)
-    cfg = read_adapter_config(folder)
-    method = MethodConfig.from_dict(cfg["method"], source=f"{folder / CONFIG_NAME}: method")
-    try:
-        visual = VisualConfig(**cfg["visual"])
-    except TypeError as exc:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: bad 'visual' field ({exc})") from exc
-    name = backbone or cfg["backbone"]
-    base = load_backbone(name, seed=cfg.get("backbone_seed", 0))
-    tokenizer = None
-    if (folder / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    if base.config.model_type != cfg["architecture"]["model_type"]:
-        raise CheckpointError(f"{folder}: adapter was made for model_type={cfg['architecture']['model_type']!r} "
-                              f"but backbone {name!r} is {base.config.model_type!r}")
-    model = VLModel(base, method, visual, backbone_name=name, tokenizer=tokenizer,
-                    vocab_rows=cfg["vocab"]["rows"], seed=cfg.get("backbone_seed", 0))
-    check_compatible(cfg, model, str(folder))
-    tensors = load_tensors(folder / WEIGHTS_NAME)
-    load_trainable(model, tensors, source=str(folder / WEIGHTS_NAME), strict=strict)
-    if device is not None:
-        model.to(device)
-    return model
-
-
 @torch.no_grad()
 def load_trainable(model, tensors: dict[str, torch.Tensor], source: str, strict: bool = True) -> dict:
     """Copy adapter tensors into the model; report missing/unexpected keys (an error when strict)."""

@@ -246,19 +246,21 @@ def cmd_presets(a) -> int:
     return 0
 
 
-TRAIN_KEYS = ("backbone", "method", "data_root", "tasks", "output", "epochs", "batch_size", "max_steps", "lr",
-              "lr_schedule", "warmup_ratio", "seed",
-              "precision", "grad_accum", "feat_dim", "feature_dirname", "visual_pool", "official_gqa_typo", "official_ln_decay",
-              "caption_no_repeat_ngram_size", "caption_metrics", "limit_train", "limit_eval", "save_every_steps",
-              "eval_every_epoch", "eval_test", "num_workers", "device", "compile", "compile_mode", "memory_budget", "frozen_dtype", "sdpa", "resume", "overwrite", "progress",
-              "mask_padded_frames")
+def train_keys() -> tuple[str, ...]:
+    """The TrainConfig fields a `vlpet train` flag may set: all but `debug` (the top-level --debug, passed on its
+    own). Read from the dataclass, so a new field needs only its flag."""
+    import dataclasses
+
+    from .train.loop import TrainConfig
+
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "debug")
 
 
 def cmd_train(a) -> int:
     from .train.loop import train
     from .train.recipes import build_train_config
 
-    cli = {k: getattr(a, k) for k in TRAIN_KEYS if getattr(a, k, None) is not None}
+    cli = {k: getattr(a, k) for k in train_keys() if getattr(a, k, None) is not None}
     train(build_train_config(a.config, cli, debug=a.debug))
     return 0
 

@@ -19,3 +19,19 @@ class CheckpointError(VLPetError, ValueError):
 
 class TrainingError(VLPetError, RuntimeError):
     """Training had to stop (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class MetricError(VLPetError, ValueError):
+    """Predictions, references or annotations a scorer cannot use (vlpet.metrics): the message names the id,
+    file or argument and what was expected."""
+
+
+class MetricKeyError(MetricError, KeyError):
+    """A predicted id with no gold label / annotation / reference (a KeyError too, for callers that look ids up)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(VLPetError, ImportError, RuntimeError):
+    """An optional tool a requested metric needs (pycocoevalcap, Java) is not installed; says how to get it."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backbones.norms import is_norm_like
 from .errors import ConfigError
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -45,12 +46,6 @@ def _keep_input_dtype(module: nn.Module, args: tuple, output):
     return None
 
 
-def _norm_like(m: nn.Module) -> bool:
-    from .model import _BiasedNorm, _is_norm  # a BitFit bias after a T5 norm is part of that norm
-
-    return _is_norm(m) or isinstance(m, _BiasedNorm)
-
-
 def apply_frozen_dtype(model: nn.Module, choice: str, precision: str) -> None:
     """`set_frozen_dtype` with the dtype that `--frozen-dtype CHOICE` gives for `--precision PRECISION`."""
     set_frozen_dtype(model, resolve_frozen_dtype(choice, precision))
@@ -64,7 +59,7 @@ def set_frozen_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     backbone = model.backbone
     # A norm with a trainable bias next to a frozen weight (BitFit, LoRA rows) keeps both in fp32: norms
     # are tiny, and a norm kernel takes one dtype for its weight and bias.
-    keep = {id(p) for m in backbone.modules() if _norm_like(m) and any(q.requires_grad for q in m.parameters())
+    keep = {id(p) for m in backbone.modules() if is_norm_like(m) and any(q.requires_grad for q in m.parameters())
             for p in m.parameters()}
     for p in backbone.parameters():  # unique Parameters: a tied embedding / LM head is cast once
         if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and id(p) not in keep:
@@ -78,4 +73,4 @@ def set_frozen_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     model._norm_dtype_hooks = []
     if dtype in LOW_PRECISION:
         model._norm_dtype_hooks = [m.register_forward_hook(_keep_input_dtype)
-                                   for m in backbone.modules() if _norm_like(m)]
+                                   for m in backbone.modules() if is_norm_like(m)]

@@ -23,8 +23,12 @@ from .backbones.arch import ArchSpec, arch_for
 from .backbones.head import AlignedLMHead
 from .backbones.joint import JointContext, TextOnlyNorm, TextOnlyPositions, TextOnlyRelativeBias
 from .backbones.loading import load_backbone, load_tokenizer, vocab_size_after_extension
-from .backbones.visual import RMSNorm, VisualEmbedding, pool_grid
-from .errors import ShapeError
+from .backbones.norms import BiasedNorm, is_norm
+from .backbones.visual import VisualEmbedding, pool_grid
+from .checkpoint import (CONFIG_NAME, WEIGHTS_NAME, check_compatible, load_tensors, load_trainable,
+                         read_adapter_config, save_adapter)
+from .errors import CheckpointError, ShapeError
+from .frozen_precision import set_frozen_dtype
 from .granularity import GatedModification
 from .method import MethodConfig
 from .methods.hyperformer import HyperAdapter, HyperNetController, TaskEmbeddings
@@ -191,7 +195,7 @@ class VLModel(nn.Module):
         if "encoder_layer_norms" in extras or "all_layer_norms" in extras:
             root = get_module(self.backbone, self.arch.encoder) if "all_layer_norms" not in extras else self.backbone
             for m in root.modules():
-                if _is_norm(m):
+                if is_norm(m):
                     m.requires_grad_(True)
         if "biases" in extras:
             for name, p in self.backbone.named_parameters():
@@ -203,8 +207,6 @@ class VLModel(nn.Module):
     def set_frozen_dtype(self, dtype: torch.dtype) -> None:
         """Store the frozen backbone tensors in `dtype` (bf16 for bf16 training; see vlpet.frozen_precision).
         Call after the trainable set is final (it decides what counts as frozen)."""
-        from .frozen_precision import set_frozen_dtype
-
         set_frozen_dtype(self, dtype)
 
     def parameter_counts(self) -> tuple[int, int]:
@@ -382,38 +384,42 @@ class VLModel(nn.Module):
         }
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        from .checkpoint import save_adapter
-
         return save_adapter(self, folder)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, backbone: str | None = None, **kwargs) -> "VLModel":
-        from .checkpoint import load_adapter
+    def from_pretrained(cls, folder: str | Path, backbone: str | None = None, device=None,
+                        strict: bool = True) -> "VLModel":
+        """An adapter folder (save_pretrained) on its backbone (`backbone` overrides the one it names)."""
+        folder = Path(folder)
+        cfg = read_adapter_config(folder)
+        method = MethodConfig.from_dict(cfg["method"], source=f"{folder / CONFIG_NAME}: method")
+        try:
+            visual = VisualConfig(**cfg["visual"])
+        except TypeError as exc:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: bad 'visual' field ({exc})") from exc
+        name = backbone or cfg["backbone"]
+        base = load_backbone(name, seed=cfg.get("backbone_seed", 0))
+        tokenizer = None
+        if (folder / "tokenizer_config.json").exists():
+            from transformers import AutoTokenizer
 
-        return load_adapter(folder, backbone=backbone, **kwargs)
-
-
-def _is_norm(m: nn.Module) -> bool:
-    name = type(m).__name__
-    return isinstance(m, (nn.LayerNorm, RMSNorm)) or name.endswith(("LayerNorm", "RMSNorm"))
-
-
-class _BiasedNorm(nn.Module):
-    """A bias added after a bias-free norm (T5LayerNorm), for BitFit on T5 as the LST paper ran it."""
-
-    def __init__(self, base_layer: nn.Module, d: int):
-        super().__init__()
-        self.base_layer = base_layer
-        self.bias = nn.Parameter(torch.zeros(d, device=base_layer.weight.device, dtype=base_layer.weight.dtype))
-
-    def forward(self, x):
-        return self.base_layer(x) + self.bias
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        if base.config.model_type != cfg["architecture"]["model_type"]:
+            raise CheckpointError(f"{folder}: adapter was made for model_type={cfg['architecture']['model_type']!r} "
+                                  f"but backbone {name!r} is {base.config.model_type!r}")
+        model = cls(base, method, visual, backbone_name=name, tokenizer=tokenizer,
+                    vocab_rows=cfg["vocab"]["rows"], seed=cfg.get("backbone_seed", 0))
+        check_compatible(cfg, model, str(folder))
+        load_trainable(model, load_tensors(folder / WEIGHTS_NAME), source=str(folder / WEIGHTS_NAME), strict=strict)
+        if device is not None:
+            model.to(device)
+        return model
 
 
 def _add_zero_biases(model: VLModel) -> None:
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and m.bias is None:
             m.bias = nn.Parameter(torch.zeros(m.out_features, device=m.weight.device, dtype=m.weight.dtype))
-        elif _is_norm(m) and getattr(m, "bias", None) is None and not isinstance(m, _BiasedNorm) \
+        elif is_norm(m) and getattr(m, "bias", None) is None and not isinstance(m, BiasedNorm) \
                 and not name.endswith("base_layer"):
-            set_module(model, name, _BiasedNorm(m, m.weight.shape[0]))
+            set_module(model, name, BiasedNorm(m, m.weight.shape[0]))

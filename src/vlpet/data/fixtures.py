@@ -102,16 +102,26 @@ def make_image_text_fixture(
         raise ValueError(f"feat_dim must be >= {len(COLORS)}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    layout = VLAdapterLayout(root, feature_dirname=feature_dirname)
+    fx = ImageTextFixture(root, VLAdapterLayout(root, feature_dirname=feature_dirname), feat_dim, n_per_split, seed)
+    # One generator through the tasks in this order: the files stay those of the single-function version.
     rng = np.random.default_rng(seed)
-    fx = ImageTextFixture(root, layout, feat_dim, n_per_split, seed)
+    coco_images = _write_coco(fx, rng)
+    _write_vqa(fx, rng, coco_images, include_empty_label)
+    _write_gqa(fx, rng)
+    _write_nlvr(fx, rng)
+    return fx
 
-    def image(source: str, img_id: str, concept: int, words) -> None:
-        write_h5_features(layout.feature_path(source, img_id), img_id,
-                          concept_features(concept, len(words), feat_dim, rng))
-        fx.concepts[(source, img_id)] = words[concept]
 
-    # ---- COCO images + Karpathy captions ------------------------------------------------------
+def _image(fx: ImageTextFixture, rng: np.random.Generator, source: str, img_id: str, concept: int, words) -> None:
+    """The feature file of one image, whose hidden concept is ``words[concept]``."""
+    write_h5_features(fx.layout.feature_path(source, img_id), img_id,
+                      concept_features(concept, len(words), fx.feat_dim, rng))
+    fx.concepts[(source, img_id)] = words[concept]
+
+
+def _write_coco(fx: ImageTextFixture, rng: np.random.Generator) -> dict[str, list[tuple[str, int, int]]]:
+    """COCO images + Karpathy captions; returns split -> [(img_id, cocoid, concept)] (VQA asks about them)."""
+    layout, n_per_split = fx.layout, fx.n_per_split
     coco_images: dict[str, list[tuple[str, int, int]]] = {}  # split -> [(img_id, cocoid, concept)]
     images_json = []
     cocoid, sentid = 100000, 0
@@ -122,7 +132,7 @@ def make_image_text_fixture(
         for c in concepts:
             cocoid += 7
             img_id = f"COCO_{folder}_{cocoid:012d}"
-            image("COCO", img_id, c, COLORS)
+            _image(fx, rng, "COCO", img_id, c, COLORS)
             coco_images[split].append((img_id, cocoid, c))
             sents = []
             for t in _CAPTIONS:
@@ -136,8 +146,12 @@ def make_image_text_fixture(
             })
     _write_json(layout.coco_karpathy, {"images": images_json, "dataset": "coco"})
     fx.counts["caption"] = {s: len(v) for s, v in coco_images.items()}
+    return coco_images
 
-    # ---- VQA ----------------------------------------------------------------------------------
+
+def _write_vqa(fx: ImageTextFixture, rng: np.random.Generator, coco_images, include_empty_label: bool) -> None:
+    """VQA Karpathy splits on the COCO images, the official annotation files and the answer vocabulary."""
+    layout, n_per_split = fx.layout, fx.n_per_split
     vqa_answers = list(COLORS) + ["yes", "no"]
     anns = {"train": [], "val": []}
     qid = 1000
@@ -193,7 +207,10 @@ def make_image_text_fixture(
     _write_json(layout.vqa_ans2label, {a: i for i, a in enumerate(vqa_answers)})
     _write_json(layout.vqa_label2ans, vqa_answers)
 
-    # ---- GQA ----------------------------------------------------------------------------------
+
+def _write_gqa(fx: ImageTextFixture, rng: np.random.Generator) -> None:
+    """GQA train/valid/testdev on their own images (VG or GQA features) and the answer vocabulary."""
+    layout, n_per_split = fx.layout, fx.n_per_split
     gqa_answers = list(SHAPES)
     fx.counts["gqa"] = {}
     gqa_qid, vg_id, gqa_img = 2000000, 2300000, 100000
@@ -207,7 +224,7 @@ def make_image_text_fixture(
             else:
                 gqa_img += 3
                 img_id = f"n{gqa_img}"
-            image(source, img_id, c, SHAPES)
+            _image(fx, rng, source, img_id, c, SHAPES)
             gqa_qid += 11
             sent = ("what shape is in the picture?", "which shape is shown?")[gqa_qid % 2]
             records.append({"img_id": img_id, "label": {SHAPES[c]: 1.0},
@@ -217,7 +234,10 @@ def make_image_text_fixture(
     _write_json(layout.gqa_ans2label, {a: i for i, a in enumerate(gqa_answers)})
     _write_json(layout.gqa_label2ans, gqa_answers)
 
-    # ---- NLVR2 --------------------------------------------------------------------------------
+
+def _write_nlvr(fx: ImageTextFixture, rng: np.random.Generator) -> None:
+    """NLVR2 train/valid/test: statement pairs (one true, one false) over two images each."""
+    layout, n_per_split = fx.layout, fx.n_per_split
     fx.counts["nlvr"] = {}
     prefixes = {"train": "train", "valid": "dev", "test": "test1"}
     for split, prefix in prefixes.items():
@@ -241,10 +261,9 @@ def make_image_text_fixture(
             imgs = []
             for k, c in enumerate((c0, c1)):
                 img_id = f"{prefix}-{set_id}-{pair}-img{k}"
-                image("nlvr", img_id, c, COLORS)
+                _image(fx, rng, "nlvr", img_id, c, COLORS)
                 imgs.append(img_id)
             records.append({"identifier": ident, "img0": imgs[0], "img1": imgs[1], "label": int(target),
                             "sent": sent, "uid": f"nlvr2_{split}_{i}"})
         _write_json(layout.nlvr_split(split), records)
         fx.counts["nlvr"][split] = len(records)
-    return fx

@@ -72,6 +72,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .base import ImageTextDataset, _encode
 from .errors import DataError
 from .layout import VLAdapterLayout, resolve_data_root
 from .records import _Rec, _typename
@@ -426,11 +427,6 @@ def video_input_text(task: str, subtitles: Sequence[str] | str, *, prompt: str =
     return f"{' '.join(parts)} {prompt}"
 
 
-def _encode(tokenizer, text: str, max_len: int | None) -> list[int]:
-    kw = {"truncation": True, "max_length": max_len} if max_len else {}
-    return [int(t) for t in tokenizer(text, **kw)["input_ids"]]
-
-
 def encode_video_text(tokenizer, task: str, subtitles: Sequence[str], max_len: int | None, truncation: str = "end",
                       **text_kw) -> tuple[list[int], str]:
     """(token ids, text) of one example; see the module docstring for the two truncation modes."""
@@ -461,7 +457,6 @@ def encode_video_text(tokenizer, task: str, subtitles: Sequence[str], max_len: i
 # ------------------------------------------------------------------------------------------------
 # datasets
 # ------------------------------------------------------------------------------------------------
-from .datasets import ImageTextDataset  # noqa: E402  (datasets imports this module lazily)
 
 
 class VideoDataset(ImageTextDataset):

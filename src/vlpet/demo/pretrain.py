@@ -424,6 +424,219 @@ def _reconstruct(model, tok, texts, torch, max_new_tokens: int = 32) -> list[dic
 # ------------------------------------------------------------------------------------------------
 # main entry point
 # ------------------------------------------------------------------------------------------------
+def _resolve_configs(model_config, train_config, budget_s, max_steps) -> tuple[dict, dict]:
+    """The model / training settings (defaults + overrides), checked before any work."""
+    from transformers import BartConfig
+
+    mcfg = {**DEFAULT_MODEL_CONFIG, **(model_config or {})}
+    tcfg = {**DEFAULT_TRAIN_CONFIG, **(train_config or {})}
+    unknown = set(model_config or {}) - set(DEFAULT_MODEL_CONFIG) - set(BartConfig().to_dict())
+    if unknown:
+        raise ValueError(f"unknown model_config keys: {sorted(unknown)}")
+    unknown = set(train_config or {}) - set(DEFAULT_TRAIN_CONFIG)
+    if unknown:
+        raise ValueError(f"unknown train_config keys: {sorted(unknown)}; known: {sorted(DEFAULT_TRAIN_CONFIG)}")
+    if max_steps is None and not (budget_s and budget_s > 0):
+        raise ValueError("give budget_s > 0 or max_steps")
+    if int(tcfg["seq_len"]) > int(mcfg["max_position_embeddings"]):
+        raise ValueError("seq_len must be <= max_position_embeddings")
+    return mcfg, tcfg
+
+
+def _corpus_and_key(cache_root: Path, mcfg: dict, tcfg: dict, seed: int, budget_s, max_steps,
+                    say: Callable[[str], None]) -> tuple[dict, str]:
+    """The training text and the cache key of the PLM it gives (every input of the run is in the key)."""
+    corpus = _load_corpus(cache_root, int(tcfg["english_max_chars"]), say)
+    key_tcfg = dict(tcfg)
+    if not float(tcfg["scene_fraction"]):
+        del key_tcfg["scene_fraction"]  # the cache key of a PLM without scene text stays what it was
+    else:
+        from .corpus import scene_documents
+
+        corpus = {**corpus, "scene": scene_documents(seed)}
+        key_tcfg["scene_documents"] = _digest(corpus["scene"])
+    key = _digest({"v": CODE_VERSION, "model": mcfg, "train": key_tcfg, "seed": seed, "corpus": corpus["digest"],
+                   "budget_s": None if max_steps is not None else float(budget_s), "max_steps": max_steps})
+    return corpus, key
+
+
+def _tokenizer_for(corpus: dict, mcfg: dict, tcfg: dict, folder: Path):
+    """The byte-level BPE of English + demo text (repeated to its share) + scenes; returns (tok, demo_chars,
+    repeat)."""
+    demo_chars = sum(len(s) for s in corpus["demo"]) or 1
+    eng = [s for doc in corpus["english"] for s in doc]
+    eng_chars = sum(len(s) for s in eng)
+    frac = float(tcfg["demo_fraction"])
+    repeat = max(1, int(round(frac / max(1e-9, 1 - frac) * eng_chars / demo_chars))) if eng_chars else 1
+    scene = [x for doc in corpus.get("scene", []) for x in doc]
+    tok = train_bpe_tokenizer(eng + corpus["demo"] * repeat + scene, int(tcfg["vocab_size"]), folder,
+                              model_max_length=int(mcfg["max_position_embeddings"]))
+    return tok, demo_chars, repeat
+
+
+def _new_model(tok, mcfg: dict, seed: int):
+    """A randomly initialised BART of `mcfg` (seeded), with neutral generation settings of the demo's tokens."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=len(tok), pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+        decoder_start_token_id=EOS, forced_eos_token_id=EOS, is_encoder_decoder=True,
+        **mcfg,
+    )
+    config.vlpet_note = PLM_NOTE
+    model = BartForConditionalGeneration(config)
+    model.generation_config.decoder_start_token_id = EOS
+    model.generation_config.bos_token_id = BOS
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = PAD
+    model.train()
+    return model
+
+
+def _denoise_lr(step: int, total: int, peak: float, floor: float, warmup: int) -> float:
+    """Denoising-phase lr: linear warm-up over `warmup` steps (0 after a copy warm-up), then linear decay to
+    `floor` x peak at `total`. Not train.optim's schedule: that one decays to 0 and knows no copy phase."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(floor, 1.0 - (1.0 - floor) * (step - warmup) / max(1, total - warmup))
+
+
+class _Loop:
+    """One optimizer step at a given lr (AdamW groups of vlpet.train.optim, gradient clipping), the loss curve
+    and the token counts shared by both phases."""
+
+    def __init__(self, model, tcfg: dict):
+        from ..train.optim import build_optimizer
+
+        self.model = model
+        # biases and norm weights without decay: for BART the same groups as "ndim < 2 or a LayerNorm"
+        self.opt = build_optimizer(model, float(tcfg["lr"]), float(tcfg["weight_decay"]), eps=float(tcfg["eps"]),
+                                   betas=tuple(tcfg["betas"]), fused=False)
+        self.grad_clip = float(tcfg["grad_clip"])
+        self.curve: list[list] = []
+        self.tokens_src = self.tokens_tgt = 0
+        self.t_loop = self.last_print = time.perf_counter()
+
+    def step(self, batch, lr: float, with_acc: bool = False) -> tuple[float, float | None, float]:
+        """(loss, token accuracy when asked, seconds of the step)."""
+        import torch
+
+        t0 = time.perf_counter()
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        out = self.model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        acc = None
+        if with_acc:
+            valid = batch["labels"] != -100
+            acc = float(((out.logits.detach().argmax(-1) == batch["labels"]) & valid).sum()) / max(1, int(valid.sum()))
+        seconds = time.perf_counter() - t0
+        self.tokens_src += int(batch["attention_mask"].sum())
+        self.tokens_tgt += int((batch["labels"] != -100).sum())
+        return out.loss.item(), acc, seconds
+
+    def record(self, loss: float, now: float, phase: str) -> None:
+        self.curve.append([len(self.curve) + 1, round(loss, 4), round(now - self.t_loop, 2), phase])
+
+    def due(self, now: float, first: bool) -> bool:
+        """Time for a progress line (every 15 s, and at the first step)."""
+        if now - self.last_print > 15 or first:
+            self.last_print = now
+            return True
+        return False
+
+
+def _copy_warmup(loop: _Loop, rng, n_tokens: int, tcfg: dict, copy_max: int, budget: float, progress: bool,
+                 say) -> tuple[int, list]:
+    """Phase 1: random token strings copied verbatim, until `copy_warmup_steps`, or the accuracy target / the
+    time share / `copy_max` steps; returns (steps, token accuracies)."""
+    import torch
+
+    peak, bs = float(tcfg["lr"]), int(tcfg["batch_size"])
+    copy_fixed = tcfg["copy_warmup_steps"]
+    copy_warm = min(int(tcfg["warmup_steps"]), copy_max)
+    steps, accs = 0, []
+    while steps < copy_max:
+        body = rng.integers(len(SPECIAL_TOKENS), n_tokens, size=(bs, int(tcfg["copy_warmup_len"])))
+        batch = _collate([([BOS, *map(int, r), EOS],) * 2 for r in body], torch)
+        loss, acc, _ = loop.step(batch, peak * min(1.0, (steps + 1) / max(1, copy_warm)), True)
+        steps += 1
+        accs.append(acc)
+        now = time.perf_counter()
+        loop.record(loss, now, "copy")
+        if progress and loop.due(now, steps == 1):
+            say(f"[demo-plm] copy warm-up step {steps}  loss {loss:.3f}  token accuracy {acc:.2f}  {now - loop.t_loop:.0f}s")
+        if copy_fixed is None and (
+            (steps >= 5 and float(np.mean(accs[-5:])) >= float(tcfg["copy_warmup_target_acc"]))
+            or now - loop.t_loop > float(tcfg["copy_warmup_max_frac"]) * budget
+        ):
+            break
+    return steps, accs
+
+
+def _denoising(loop: _Loop, sampler, rng, tcfg: dict, max_steps: int | None, budget: float, warmup: int,
+               progress: bool, say) -> tuple[int, int, list, bool]:
+    """Phase 2: BART denoising for `max_steps`, or for as many steps as the time budget allows (the plan is
+    re-estimated at steps 5, total/10 and total/2); returns (steps, planned steps, step times, stopped early)."""
+    import torch
+
+    peak, floor, bs = float(tcfg["lr"]), float(tcfg["min_lr_ratio"]), int(tcfg["batch_size"])
+    total = max_steps if max_steps is not None else 10**9
+    calib_points: set[int] = set()
+    step_times: list[float] = []
+    t_phase = time.perf_counter()
+    stopped_early = False
+    step = 0
+    while step < total:
+        batch = _collate([sampler.example(rng) for _ in range(bs)], torch)
+        loss, _, seconds = loop.step(batch, _denoise_lr(step, total, peak, floor, warmup))
+        now = time.perf_counter()
+        step_times.append(seconds)
+        step += 1
+        loop.record(loss, now, "denoise")
+        elapsed = now - loop.t_loop
+        if max_steps is None:
+            if step == 5 or step in calib_points:
+                recent = step_times[1:] if step == 5 else step_times[-max(5, step // 5):]
+                overhead = (now - t_phase - sum(step_times)) / step  # example building, collation
+                per_step = float(np.mean(recent)) + overhead
+                total = max(step + 1, int(tcfg["warmup_steps"]) + 1,
+                            step + int((budget - elapsed) / max(per_step, 1e-6)))
+                if step == 5:
+                    calib_points = {max(6, total // 10), max(7, total // 2)}
+            if elapsed > 1.1 * budget:
+                stopped_early = step < total
+                break
+        if progress and loop.due(now, step == total or step == 1):
+            avg = float(np.mean([c[1] for c in loop.curve[-20:]]))
+            say(f"[demo-plm] denoising step {step}/{total}  loss {avg:.3f}  "
+                f"lr {_denoise_lr(step - 1, total, peak, floor, warmup):.2e}  "
+                f"{elapsed:.0f}s  {loop.tokens_tgt / max(elapsed, 1e-9):.0f} target tok/s")
+    return step, total, step_times, stopped_early
+
+
+def _reconstruct_heldout(model, tok, eval_examples: dict, seq_len: int) -> list[dict]:
+    """One held-out demo example and two English ones, noised as in training, decoded greedily."""
+    import torch
+
+    out = []
+    for (src, tgt) in (eval_examples["demo"][0], eval_examples["english"][0], eval_examples["english"][1]):
+        enc = torch.tensor([src])
+        model.eval()
+        with torch.no_grad():
+            gen = model.generate(input_ids=enc, attention_mask=torch.ones_like(enc), num_beams=1,
+                                 do_sample=False, max_new_tokens=min(48, seq_len), decoder_start_token_id=EOS)
+        model.train()
+        out.append({"input": tok.decode(src[1:-1]), "output": tok.decode(gen[0], skip_special_tokens=True).strip(),
+                    "reference": tok.decode(tgt[1:-1])})
+    return out
+
+
 def pretrain_demo_plm(
     cache_dir: str | os.PathLike | None = None,
     budget_s: float = 150,
@@ -458,35 +671,12 @@ def pretrain_demo_plm(
     ``BartTokenizerFast.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
     """
     import torch
-    from transformers import BartConfig, BartForConditionalGeneration
 
     say = print if progress else (lambda *a, **k: None)
-    mcfg = {**DEFAULT_MODEL_CONFIG, **(model_config or {})}
-    tcfg = {**DEFAULT_TRAIN_CONFIG, **(train_config or {})}
-    unknown = set(model_config or {}) - set(DEFAULT_MODEL_CONFIG) - set(BartConfig().to_dict())
-    if unknown:
-        raise ValueError(f"unknown model_config keys: {sorted(unknown)}")
-    unknown = set(train_config or {}) - set(DEFAULT_TRAIN_CONFIG)
-    if unknown:
-        raise ValueError(f"unknown train_config keys: {sorted(unknown)}; known: {sorted(DEFAULT_TRAIN_CONFIG)}")
-    if max_steps is None and not (budget_s and budget_s > 0):
-        raise ValueError("give budget_s > 0 or max_steps")
-    if int(tcfg["seq_len"]) > int(mcfg["max_position_embeddings"]):
-        raise ValueError("seq_len must be <= max_position_embeddings")
-
+    mcfg, tcfg = _resolve_configs(model_config, train_config, budget_s, max_steps)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     t_start = time.perf_counter()
-    corpus = _load_corpus(cache_root, int(tcfg["english_max_chars"]), say)
-    key_tcfg = dict(tcfg)
-    if not float(tcfg["scene_fraction"]):
-        del key_tcfg["scene_fraction"]  # the cache key of a PLM without scene text stays what it was
-    else:
-        from .corpus import scene_documents
-
-        corpus = {**corpus, "scene": scene_documents(seed)}
-        key_tcfg["scene_documents"] = _digest(corpus["scene"])
-    key = _digest({"v": CODE_VERSION, "model": mcfg, "train": key_tcfg, "seed": seed, "corpus": corpus["digest"],
-                   "budget_s": None if max_steps is not None else float(budget_s), "max_steps": max_steps})
+    corpus, key = _corpus_and_key(cache_root, mcfg, tcfg, seed, budget_s, max_steps, say)
     folder = cache_root / f"demo-plm-{key}"
     say(f"[demo-plm] {PLM_NOTE}")
     if (folder / "pretrain_log.json").is_file() and not force:
@@ -499,19 +689,10 @@ def pretrain_demo_plm(
     tmp = cache_root / f".demo-plm-{key}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        # ---- tokenizer
         t0 = time.perf_counter()
-        demo_chars = sum(len(s) for s in corpus["demo"]) or 1
-        eng = [s for doc in corpus["english"] for s in doc]
-        eng_chars = sum(len(s) for s in eng)
-        frac = float(tcfg["demo_fraction"])
-        repeat = max(1, int(round(frac / max(1e-9, 1 - frac) * eng_chars / demo_chars))) if eng_chars else 1
-        scene = [x for doc in corpus.get("scene", []) for x in doc]
-        tok = train_bpe_tokenizer(eng + corpus["demo"] * repeat + scene, int(tcfg["vocab_size"]), tmp,
-                                  model_max_length=int(mcfg["max_position_embeddings"]))
+        tok, demo_chars, repeat = _tokenizer_for(corpus, mcfg, tcfg, tmp)
         t_tok = time.perf_counter() - t0
 
-        # ---- data
         t0 = time.perf_counter()
         sampler = _Sampler(tok, corpus, tcfg, seed)
         erng = np.random.default_rng(seed + 2)
@@ -520,20 +701,7 @@ def pretrain_demo_plm(
         eval_sets = {k: [_collate(v[i : i + 32], torch) for i in range(0, len(v), 32)] for k, v in eval_examples.items()}
         t_data = time.perf_counter() - t0
 
-        # ---- model
-        torch.manual_seed(seed)
-        config = BartConfig(
-            vocab_size=len(tok), pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-            decoder_start_token_id=EOS, forced_eos_token_id=EOS, is_encoder_decoder=True,
-            **mcfg,
-        )
-        config.vlpet_note = PLM_NOTE
-        model = BartForConditionalGeneration(config)
-        model.generation_config.decoder_start_token_id = EOS
-        model.generation_config.bos_token_id = BOS
-        model.generation_config.eos_token_id = EOS
-        model.generation_config.pad_token_id = PAD
-        model.train()
+        model = _new_model(tok, mcfg, seed)
         n_params = sum(p.numel() for p in model.parameters())
         say(f"[demo-plm] pretraining a BART-architecture model with {n_params / 1e6:.2f} M parameters "
             f"(d_model {mcfg['d_model']}, {mcfg['encoder_layers']}+{mcfg['decoder_layers']} layers, vocab {len(tok)}) "
@@ -542,129 +710,32 @@ def pretrain_demo_plm(
         eval_before = _evaluate(model, eval_sets, torch)
         t_eval = time.perf_counter() - t0
 
-        decay, no_decay = [], []
-        for n, p in model.named_parameters():
-            (no_decay if (p.ndim < 2 or "layer_norm" in n or "layernorm" in n) else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": float(tcfg["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=float(tcfg["lr"]), betas=tuple(tcfg["betas"]), eps=float(tcfg["eps"]),
-        )
-        warm, peak, floor = int(tcfg["warmup_steps"]), float(tcfg["lr"]), float(tcfg["min_lr_ratio"])
-        bs = int(tcfg["batch_size"])
         copy_fixed = tcfg["copy_warmup_steps"]
         copy_max = int(tcfg["copy_warmup_max_steps"]) if copy_fixed is None else int(copy_fixed)
         if max_steps is not None and copy_fixed is None:
             copy_max = min(copy_max, int(max_steps))
-        copy_warm = min(warm, copy_max)
-
-        def lr_at(step: int, total: int) -> float:
-            """Denoising-phase lr: warm-up (skipped after a copy warm-up), then linear decay."""
-            w = 0 if copy_max > 0 else warm
-            if step < w:
-                return peak * (step + 1) / w
-            return peak * max(floor, 1.0 - (1.0 - floor) * (step - w) / max(1, total - w))
-
-        def train_step(batch, lr: float, with_acc: bool = False):
-            for g in opt.param_groups:
-                g["lr"] = lr
-            out = model(**batch)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            acc = None
-            if with_acc:
-                valid = batch["labels"] != -100
-                acc = float(((out.logits.detach().argmax(-1) == batch["labels"]) & valid).sum()) / max(1, int(valid.sum()))
-            return out.loss.item(), acc
-
+        loop = _Loop(model, tcfg)
         rng = np.random.default_rng(seed)
-        curve: list[list] = []
-        tokens_src = tokens_tgt = 0
-        t_loop = time.perf_counter()
-        last_print = t_loop
         budget = float(budget_s) if max_steps is None else float("inf")
-
-        # ---- phase 1: copy warm-up (random token strings, copied verbatim)
-        copy_steps, copy_accs = 0, []
-        n_special = len(SPECIAL_TOKENS)
-        while copy_steps < copy_max:
-            body = rng.integers(n_special, len(tok), size=(bs, int(tcfg["copy_warmup_len"])))
-            ex = [([BOS, *map(int, r), EOS],) * 2 for r in body]
-            batch = _collate(ex, torch)
-            loss, acc = train_step(batch, peak * min(1.0, (copy_steps + 1) / max(1, copy_warm)), True)
-            copy_steps += 1
-            copy_accs.append(acc)
-            tokens_src += int(batch["attention_mask"].sum())
-            tokens_tgt += int((batch["labels"] != -100).sum())
-            now = time.perf_counter()
-            curve.append([len(curve) + 1, round(loss, 4), round(now - t_loop, 2), "copy"])
-            if progress and (now - last_print > 15 or copy_steps == 1):
-                last_print = now
-                say(f"[demo-plm] copy warm-up step {copy_steps}  loss {loss:.3f}  token accuracy {acc:.2f}  {now - t_loop:.0f}s")
-            if copy_fixed is None and (
-                (copy_steps >= 5 and float(np.mean(copy_accs[-5:])) >= float(tcfg["copy_warmup_target_acc"]))
-                or now - t_loop > float(tcfg["copy_warmup_max_frac"]) * budget
-            ):
-                break
-        t_copy = time.perf_counter() - t_loop
+        copy_steps, copy_accs = _copy_warmup(loop, rng, len(tok), tcfg, copy_max, budget, progress, say)
+        t_copy = time.perf_counter() - loop.t_loop
         if copy_steps:
             say(f"[demo-plm] copy warm-up: {copy_steps} steps, {t_copy:.0f} s, token accuracy "
                 f"{float(np.mean(copy_accs[-5:])):.2f}")
-
-        # ---- phase 2: BART denoising
-        total = max_steps if max_steps is not None else 10**9
-        calib_points: set[int] = set()
-        step_times: list[float] = []
-        t_phase = time.perf_counter()
-        stopped_early = False
-        step = 0
-        while step < total:
-            batch = _collate([sampler.example(rng) for _ in range(bs)], torch)
-            ts = time.perf_counter()
-            loss, _ = train_step(batch, lr_at(step, total))
-            now = time.perf_counter()
-            step_times.append(now - ts)
-            step += 1
-            tokens_src += int(batch["attention_mask"].sum())
-            tokens_tgt += int((batch["labels"] != -100).sum())
-            curve.append([len(curve) + 1, round(loss, 4), round(now - t_loop, 2), "denoise"])
-            elapsed = now - t_loop
-            if max_steps is None:
-                if step == 5 or step in calib_points:
-                    recent = step_times[1:] if step == 5 else step_times[-max(5, step // 5):]
-                    overhead = (now - t_phase - sum(step_times)) / step  # example building, collation
-                    per_step = float(np.mean(recent)) + overhead
-                    total = max(step + 1, warm + 1, step + int((budget - elapsed) / max(per_step, 1e-6)))
-                    if step == 5:
-                        calib_points = {max(6, total // 10), max(7, total // 2)}
-                if elapsed > 1.1 * budget:
-                    stopped_early = step < total
-                    break
-            if progress and (now - last_print > 15 or step == total or step == 1):
-                last_print = now
-                avg = float(np.mean([c[1] for c in curve[-20:]]))
-                say(f"[demo-plm] denoising step {step}/{total}  loss {avg:.3f}  lr {lr_at(step - 1, total):.2e}  "
-                    f"{elapsed:.0f}s  {tokens_tgt / max(elapsed, 1e-9):.0f} target tok/s")
-        t_train = time.perf_counter() - t_loop
+        warmup = 0 if copy_max > 0 else int(tcfg["warmup_steps"])  # no second warm-up after the copy phase
+        step, total, step_times, stopped_early = _denoising(loop, sampler, rng, tcfg, max_steps, budget, warmup,
+                                                            progress, say)
+        t_train = time.perf_counter() - loop.t_loop
 
         t0 = time.perf_counter()
         eval_after = _evaluate(model, eval_sets, torch)
         recon = _reconstruct(model, tok, RECONSTRUCTION_PROBES, torch)
-        # one held-out English example and one demo example, noised as in training
-        for (src, tgt) in (eval_examples["demo"][0], eval_examples["english"][0], eval_examples["english"][1]):
-            enc = torch.tensor([src])
-            model.eval()
-            with torch.no_grad():
-                gen = model.generate(input_ids=enc, attention_mask=torch.ones_like(enc), num_beams=1,
-                                     do_sample=False, max_new_tokens=min(48, int(tcfg["seq_len"])), decoder_start_token_id=EOS)
-            model.train()
-            recon.append({"input": tok.decode(src[1:-1]), "output": tok.decode(gen[0], skip_special_tokens=True).strip(),
-                          "reference": tok.decode(tgt[1:-1])})
+        recon += _reconstruct_heldout(model, tok, eval_examples, int(tcfg["seq_len"]))
         t_post = time.perf_counter() - t0
 
         loss_before = float(np.mean([v["loss"] for v in eval_before.values()]))
         loss_after = float(np.mean([v["loss"] for v in eval_after.values()]))
+        tokens_src, tokens_tgt = loop.tokens_src, loop.tokens_tgt
         say(f"[demo-plm] held-out denoising loss {loss_before:.3f} -> {loss_after:.3f} after {step} steps "
             f"({t_train:.0f} s, {tokens_src + tokens_tgt:,} tokens seen); "
             + ", ".join(f"{k}: loss {eval_before[k]['loss']:.2f} -> {v['loss']:.2f}, token accuracy "
@@ -710,7 +781,7 @@ def pretrain_demo_plm(
                 "english_heldout_chunks": len(sampler.eval_chunks),
                 "demo_repeat_in_bpe_training": repeat,
             },
-            "loss_curve": curve,
+            "loss_curve": loop.curve,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": __import__("transformers").__version__,
                          "tokenizers": __import__("tokenizers").__version__},

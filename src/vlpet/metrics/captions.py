@@ -28,6 +28,8 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from ..errors import MetricError, MetricKeyError, MissingDependencyError
+
 __all__ = [
     "CAPTION_METRICS",
     "DEFAULT_CAPTION_METRICS",
@@ -57,7 +59,7 @@ def _import(module: str, name: str) -> Any:
     try:
         mod = importlib.import_module(module)
     except ImportError as e:  # pragma: no cover - exercised only without the optional extra
-        raise ImportError(_INSTALL_HINT) from e
+        raise MissingDependencyError(_INSTALL_HINT) from e
     return getattr(mod, name)
 
 
@@ -118,16 +120,16 @@ def tokenize_captions(
     warning; "ptb" raises if Java is missing.
     """
     if tokenizer not in _TOKENIZERS:
-        raise ValueError(f"tokenizer must be one of {_TOKENIZERS}, got {tokenizer!r}")
+        raise MetricError(f"tokenizer must be one of {_TOKENIZERS}, got {tokenizer!r}")
     ids = list(predictions)
     for i in ids:
         if i not in references:
-            raise KeyError(f"no references for caption id {i!r}")
+            raise MetricKeyError(f"no references for caption id {i!r}")
         refs = references[i]
         if isinstance(refs, str) or len(refs) == 0:
-            raise ValueError(f"references of {i!r} must be a non-empty list of strings")
+            raise MetricError(f"references of {i!r} must be a non-empty list of strings")
         if not isinstance(predictions[i], str):
-            raise TypeError(f"prediction for {i!r} must be a str, got {type(predictions[i]).__name__}")
+            raise MetricError(f"prediction for {i!r} must be a str, got {type(predictions[i]).__name__}")
 
     use = tokenizer
     if tokenizer == "auto":
@@ -140,7 +142,7 @@ def tokenize_captions(
                 stacklevel=3,
             )
     elif tokenizer == "ptb" and not java_available():
-        raise RuntimeError("tokenizer='ptb' needs Java (the `java` executable) on the PATH")
+        raise MissingDependencyError("tokenizer='ptb' needs Java (the `java` executable) on the PATH")
 
     if use == "ptb":
         both: dict[Any, list[str]] = {}
@@ -208,9 +210,9 @@ def caption_scores(
     wanted = list(dict.fromkeys(metrics))
     unknown = [m for m in wanted if m not in CAPTION_METRICS]
     if unknown:
-        raise ValueError(f"unknown caption metric(s) {unknown}; choose from {CAPTION_METRICS}")
+        raise MetricError(f"unknown caption metric(s) {unknown}; choose from {CAPTION_METRICS}")
     if not predictions:
-        raise ValueError("no predictions to score")
+        raise MetricError("no predictions to score")
     # Fail early with the install hint, before any tokenisation work.
     _import("pycocoevalcap.cider.cider", "Cider")
 
@@ -300,7 +302,7 @@ def video_caption_scores(
             clip_pred.setdefault(clip_id_fn(rec), predictions[ex])
     missing = [k for k in predictions if k not in single_refs]
     if missing:
-        raise KeyError(f"{len(missing)} predictions have no record, e.g. {missing[0]!r}")
+        raise MetricKeyError(f"{len(missing)} predictions have no record, e.g. {missing[0]!r}")
     multi_refs = group_references(records, clip_id_fn, text_fn)
     metrics = tuple(metrics)
     return {

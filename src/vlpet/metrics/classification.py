@@ -9,6 +9,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import MetricError, MetricKeyError
+
 __all__ = [
     "gqa_accuracy",
     "nlvr2_group_id",
@@ -21,7 +23,7 @@ __all__ = [
 def _label_for(labels: Mapping[Any, Any], key: Any, what: str) -> Any:
     if key in labels:
         return labels[key]
-    raise KeyError(f"no {what} label for predicted id {key!r}")
+    raise MetricKeyError(f"no {what} label for predicted id {key!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,7 +56,7 @@ def nlvr2_group_id(identifier: str) -> str:
     """
     parts = identifier.split("-")
     if len(parts) != 4:
-        raise ValueError(
+        raise MetricError(
             f"NLVR2 identifier {identifier!r} must have 4 dash-separated fields, e.g. 'train-10171-0-0'"
         )
     parts[2] = ""
@@ -68,10 +70,10 @@ def _as_label(v: Any, key: Any, what: str) -> int:
             return 1
         if s in ("false", "0"):
             return 0
-        raise ValueError(f"NLVR2 {what} for {key!r} must be 0/1, True/False or 'true'/'false', got {v!r}")
+        raise MetricError(f"NLVR2 {what} for {key!r} must be 0/1, True/False or 'true'/'false', got {v!r}")
     iv = int(v)
     if iv not in (0, 1):
-        raise ValueError(f"NLVR2 {what} for {key!r} must be 0 or 1, got {v!r}")
+        raise MetricError(f"NLVR2 {what} for {key!r} must be 0 or 1, got {v!r}")
     return iv
 
 
@@ -149,7 +151,7 @@ def video_qa_accuracy(
         if isinstance(gold, str):
             parsed_gold = parse_choice(gold)
             if parsed_gold is None:
-                raise ValueError(f"video QA label for {qid!r} is not an index or 'a<k>': {gold!r}")
+                raise MetricError(f"video QA label for {qid!r} is not an index or 'a<k>': {gold!r}")
             gold = parsed_gold
         choice = parse_choice(text)
         if choice is None or (num_choices is not None and not 0 <= choice < num_choices):

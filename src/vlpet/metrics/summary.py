@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from decimal import ROUND_HALF_UP, Decimal
 
+from ..errors import MetricError, MetricKeyError
+
 __all__ = ["format_score", "markdown_header", "summarize_row"]
 
 
@@ -29,10 +31,10 @@ def summarize_row(
     """
     names = list(tasks) if tasks is not None else list(scores)
     if not names:
-        raise ValueError("summarize_row needs at least one task score")
+        raise MetricError("summarize_row needs at least one task score")
     missing = [t for t in names if t not in scores]
     if missing:
-        raise KeyError(f"missing task score(s): {missing}")
+        raise MetricKeyError(f"missing task score(s): {missing}")
     values = [float(scores[t]) for t in names]
     avg = sum(values) / len(values)
     cells = ([label] if label is not None else []) + [format_score(v, digits) for v in values]

@@ -42,6 +42,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+from ..errors import MetricError, MetricKeyError
+
 __all__ = [
     "ARTICLES",
     "CONTRACTIONS",
@@ -239,9 +241,9 @@ def vqa_question_accuracy(
 ) -> float:
     """Accuracy in [0, 1] of one prediction against its GT answers (leave-one-out average)."""
     if gt_processing not in _GT_MODES:
-        raise ValueError(f"gt_processing must be one of {_GT_MODES}, got {gt_processing!r}")
+        raise MetricError(f"gt_processing must be one of {_GT_MODES}, got {gt_processing!r}")
     if isinstance(gt_answers, str) or len(gt_answers) == 0:
-        raise ValueError("gt_answers must be a non-empty sequence of answer strings")
+        raise MetricError("gt_answers must be a non-empty sequence of answer strings")
     pred = normalize_vqa_answer(prediction)
     gts = _process_gts(gt_answers, gt_processing)
     matches = [g == pred for g in gts]
@@ -261,7 +263,7 @@ def _lookup(mapping: Mapping[Any, Any], key: Any) -> Any:
         alt = str(key)
     if alt is not None and alt in mapping:
         return mapping[alt]
-    raise KeyError(key)
+    raise KeyError(key)  # internal: the callers turn it into a MetricKeyError that names the id
 
 
 def vqa_accuracy(
@@ -283,7 +285,7 @@ def vqa_accuracy(
     Values are not rounded (the official code rounds to 2 decimals). Inputs are not modified.
     """
     if gt_processing not in _GT_MODES:
-        raise ValueError(f"gt_processing must be one of {_GT_MODES}, got {gt_processing!r}")
+        raise MetricError(f"gt_processing must be one of {_GT_MODES}, got {gt_processing!r}")
     per_q: dict[Any, float] = {}
     by_atype: dict[str, list[float]] = {}
     by_qtype: dict[str, list[float]] = {}
@@ -291,9 +293,9 @@ def vqa_accuracy(
         try:
             gts = _lookup(annotations, qid)
         except KeyError:
-            raise KeyError(f"no VQA annotations for predicted question id {qid!r}") from None
+            raise MetricKeyError(f"no VQA annotations for predicted question id {qid!r}") from None
         if not isinstance(pred, str):
-            raise TypeError(f"prediction for question {qid!r} must be a str, got {type(pred).__name__}")
+            raise MetricError(f"prediction for question {qid!r} must be a str, got {type(pred).__name__}")
         acc = vqa_question_accuracy(pred, gts, gt_processing=gt_processing)
         per_q[qid] = 100.0 * acc
         if answer_types is not None:
@@ -332,7 +334,7 @@ def vqa_topk_score(
         try:
             label = _lookup(labels, qid)
         except KeyError:
-            raise KeyError(f"no label dict for predicted question id {qid!r}") from None
+            raise MetricKeyError(f"no label dict for predicted question id {qid!r}") from None
         total += float(label.get(pred, 0.0))
     if not average:
         return total
@@ -343,7 +345,7 @@ def vqa_topk_score(
 # Loading the official annotation files (v2_mscoco_{train,val}2014_annotations.json)
 
 
-class AnnotationFormatError(ValueError):
+class AnnotationFormatError(MetricError):
     """An annotation file (or object) does not have the expected structure."""
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backbones.norms import is_norm
+
 
 def _norm_param_ids(model: nn.Module) -> set[int]:
-    from ..model import _is_norm
-
     ids = set()
     for m in model.modules():
-        if _is_norm(m):
+        if is_norm(m):
             ids.update(id(p) for p in m.parameters(recurse=False))
     return ids
 
@@ -37,11 +37,12 @@ def param_groups(model: nn.Module, weight_decay: float = 0.01, official_ln_decay
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, eps: float = 1e-6,
-                    official_ln_decay: bool = False, fused: bool | None = None) -> torch.optim.Optimizer:
+                    official_ln_decay: bool = False, fused: bool | None = None,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay, official_ln_decay)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
     kwargs = {"fused": True} if (fused if fused is not None else on_cuda) else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=eps, **kwargs)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
 
 
 LR_SCHEDULES = ("linear", "constant")
