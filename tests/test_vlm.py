@@ -389,3 +389,24 @@ def test_builtin_vlms_build_offline_on_meta(name, billions, d_model, r):
     spec = model.method.modules[0]
     assert model.d_model == d_model and spec.r == r and spec.gate.r_g == r and spec.n_heads == 4
     assert model.method.modules[1].r == d_model // 8
+
+
+def test_benchmark_tiny_smoke(tmp_path):
+    """benchmarks/train_step.py --backbones <VLM> dispatches to the VLM matrix; its CPU --tiny path runs."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import train_step
+
+    rc = train_step.main(["--backbones", "florence2-base", "--methods",
+                          "floor,vl-pet-large,vl-pet-large-cached,plain-peft-lora", "--device", "cpu", "--tiny",
+                          "--steps", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "vlm_train_step-tiny.json").read_text())
+    rows = data["results"]["florence2-base"]["methods"]
+    assert data["results"]["florence2-base"]["batch"] == 2 and set(rows) == {
+        "floor", "vl-pet-large", "vl-pet-large-cached", "plain-peft-lora"}
+    assert rows["vl-pet-large"]["trainable"] == rows["vl-pet-large-cached"]["trainable"] > 0
+    assert rows["floor"]["trainable"] == 0
