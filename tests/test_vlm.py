@@ -410,3 +410,62 @@ def test_benchmark_tiny_smoke(tmp_path):
         "floor", "vl-pet-large", "vl-pet-large-cached", "plain-peft-lora"}
     assert rows["vl-pet-large"]["trainable"] == rows["vl-pet-large-cached"]["trainable"] > 0
     assert rows["floor"]["trainable"] == 0
+
+
+def _tiny_blip2_processor():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Blip2Processor, PreTrainedTokenizerFast
+
+    try:
+        from transformers import BlipImageProcessorPil as ImageProcessor  # no torchvision needed
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import BlipImageProcessor as ImageProcessor
+    words = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(92)] + ["what", "is", "this", "Question:", "Answer:"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok.add_tokens(["<image>"], special_tokens=True)  # id 100: the tiny config's image_token_index
+    return Blip2Processor(image_processor=ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok,
+                          num_query_tokens=4)
+
+
+def test_model_takes_the_processor_output(vlm_folders, tmp_path):
+    """`model(**processor(images=..., text=...), labels=...)` with the processor found in the model folder."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "blip2"
+    shutil.copytree(vlm_folders["blip2"], folder)
+    _tiny_blip2_processor().save_pretrained(folder)
+    model = VLModel.build(str(folder), "vl-pet-large").eval()
+    assert model.processor is not None and model.tokenizer is model.processor.tokenizer
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((40, 50, 3)) * 255).astype("uint8")) for _ in range(2)]
+    inputs = model.processor(images=images, text=["Question: what is this Answer:", "what is"], padding=True,
+                             return_tensors="pt")
+    labels = torch.tensor([[5, 6, 1], [7, 1, -100]])
+    plain = hf_class("blip2").from_pretrained(vlm_folders["blip2"]).eval()
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+        ref = plain(**inputs, labels=labels)
+        with model.disable_adapters():
+            assert torch.equal(model(**inputs, labels=labels).logits, ref.logits)
+    assert out.logits.shape == ref.logits.shape and torch.isfinite(out.loss)
+    assert model.generate(**inputs, max_new_tokens=2).shape[0] == 2
+
+
+def test_params_cli_on_florence2_large_offline(capsys):
+    import json
+
+    from vlpet.cli import main
+
+    assert main(["params", "--backbone", "florence2-large", "--method", "vl-pet-large", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    d, layers, r = 1024, 12, 128  # BART family at width 1024: r = r_g = r_dec = d/8
+    projector = 2048 * d + 2 * d + 2 * 50 * 1024  # image_projection (DaViT 2048 -> 1024), LayerNorm, 50 x 1024 row/col
+    norms = 2 * d + layers * 2 * 2 * d  # layernorm_embedding + 2 LayerNorms per encoder layer
+    adapters = layers * 2 * (bottleneck(d, r) + gate("large", d, r)) + layers * bottleneck(d, r)
+    assert out["trainable"] == projector + norms + adapters
+    assert round(out["total"] / 1e9, 2) == 0.79  # 0.77B backbone + the modules
