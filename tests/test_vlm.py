@@ -469,3 +469,33 @@ def test_params_cli_on_florence2_large_offline(capsys):
     adapters = layers * 2 * (bottleneck(d, r) + gate("large", d, r)) + layers * bottleneck(d, r)
     assert out["trainable"] == projector + norms + adapters
     assert round(out["total"] / 1e9, 2) == 0.79  # 0.77B backbone + the modules
+
+
+@pytest.mark.parametrize("kind", ("florence2", "blip2"))
+def test_gate_reads_the_spec_input(vlm_folders, kind):
+    """Spec §1.5: post-LN BART (Florence-2) gates read the layer / sub-layer input; pre-LN T5 (Flan-T5) gates read
+    the residual stream before the sub-layer's norm (the FFN is T5DenseGatedActDense, `DenseReluDense`)."""
+    model = VLModel.build(vlm_folders[kind], "vl-pet-large").eval()
+    layer = model.language_model.get_encoder().layers[0] if kind == "florence2" else \
+        model.language_model.encoder.block[0]
+    seen = {}
+
+    def keep(name):
+        def hook(mod, args, kwargs=None):  # returns None: the inputs are left as they are
+            seen.setdefault(name, args[0] if args else kwargs["hidden_states"])
+        return hook
+    if kind == "florence2":
+        layer.register_forward_pre_hook(keep("attn_in"), with_kwargs=True)
+        layer.fc1.register_forward_pre_hook(keep("ffn_in"))
+        attn_gate, ffn_gate = layer.self_attn.pet.gate, layer.fc2.pet.gate
+    else:
+        assert type(layer.layer[1].DenseReluDense.base_layer).__name__ == "T5DenseGatedActDense"
+        layer.layer[0].layer_norm.register_forward_pre_hook(keep("attn_in"))
+        layer.layer[1].layer_norm.register_forward_pre_hook(keep("ffn_in"))
+        attn_gate, ffn_gate = layer.layer[0].SelfAttention.pet.gate, layer.layer[1].DenseReluDense.pet.gate
+    attn_gate.register_forward_pre_hook(keep("attn_x"))
+    ffn_gate.register_forward_pre_hook(keep("ffn_x"))
+    kw, labels = batch(kind)
+    with torch.no_grad():
+        model(**kw, labels=labels)
+    assert seen["attn_x"] is seen["attn_in"] and seen["ffn_x"] is seen["ffn_in"]
