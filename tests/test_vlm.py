@@ -499,3 +499,27 @@ def test_gate_reads_the_spec_input(vlm_folders, kind):
     with torch.no_grad():
         model(**kw, labels=labels)
     assert seen["attn_x"] is seen["attn_in"] and seen["ffn_x"] is seen["ffn_in"]
+
+
+@pytest.mark.parametrize("kind", VLMS)
+def test_generate_disabled_equals_the_vlms_own_generate(vlm_folders, kind):
+    """Beam search through vlpet (encoder output handed to the language model's generate) matches the plain VLM's
+    own `generate` under the same settings; the tuned model's scores differ."""
+    import copy
+
+    plain = hf_class(kind).from_pretrained(vlm_folders[kind]).eval()
+    model = VLModel.build(vlm_folders[kind], "vl-pet-large").eval()
+    _perturb(model)
+    kw, _ = batch(kind)
+    settings = dict(max_new_tokens=5, min_new_tokens=5, num_beams=2, do_sample=False, output_scores=True,
+                    return_dict_in_generate=True, forced_eos_token_id=2 if kind == "florence2" else 1)
+    config = copy.deepcopy(model._seq2seq.generation_config)
+    config.update(**settings)
+    with torch.no_grad():
+        ref = plain.generate(**kw, generation_config=config)
+    with model.disable_adapters():
+        got = model.generate(**kw, **settings)
+    assert torch.equal(got.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.scores, ref.scores))
+    tuned = model.generate(**kw, **settings)
+    assert not all(torch.equal(a, b) for a, b in zip(tuned.scores, ref.scores))
