@@ -86,6 +86,10 @@ class ParallelLinear(nn.Module):
         self.base_layer = base_layer
         self.delta = delta
 
+    disabled = False  # VLModel.disable_adapters: the plain projection
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x)
         # issue 19: run_pet recomputes the adapter in the backward when self.pet_recompute is set
         return self.base_layer(x) + run_pet(self, self.delta, x)
