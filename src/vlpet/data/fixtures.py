@@ -87,12 +87,14 @@ def make_image_text_fixture(
     *,
     feature_dirname: str = DEFAULT_FEATURE_DIRNAME,
     include_empty_label: bool = True,
+    write_features: bool = True,
 ) -> ImageTextFixture:
     """Write a tiny VL-Adapter layout under ``root`` (created if needed) and return its summary.
 
     Per split, ``n_per_split`` VQA questions (karpathy_train/val/test), GQA questions
     (train/valid/testdev), NLVR2 statements (train/valid/test; identifiers pair up into
     consistency groups of 2) and COCO images (train/restval/val/test, 5 references each).
+    ``write_features=False`` writes the annotation files only (the same ones, for the same seed).
     With ``include_empty_label`` the first karpathy_train question has only out-of-vocabulary
     answers, hence an empty soft label (exercises the empty-target / zero-weight path).
     """
@@ -107,8 +109,9 @@ def make_image_text_fixture(
     fx = ImageTextFixture(root, layout, feat_dim, n_per_split, seed)
 
     def image(source: str, img_id: str, concept: int, words) -> None:
-        write_h5_features(layout.feature_path(source, img_id), img_id,
-                          concept_features(concept, len(words), feat_dim, rng))
+        feats = concept_features(concept, len(words), feat_dim, rng)  # drawn either way: same annotations
+        if write_features:  # the raw-image fixture (image_fixtures.py) writes PNG files instead
+            write_h5_features(layout.feature_path(source, img_id), img_id, feats)
         fx.concepts[(source, img_id)] = words[concept]
 
     # ---- COCO images + Karpathy captions ------------------------------------------------------
