@@ -141,7 +141,9 @@ class ImageFeatureCache:
         was_training = model.training
         model.eval()
         # the frozen tower's device and dtype (bf16 when the frozen backbone is stored in bf16)
-        param = next((p for p in model.parameters() if not p.requires_grad), None) or next(model.parameters(), None)
+        param = next((p for p in model.parameters() if not p.requires_grad), None)
+        if param is None:
+            param = next(model.parameters(), None)
         device = device or (param.device if param is not None else "cpu")
         ip = self.processor.image_processor
         try:
