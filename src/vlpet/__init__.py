@@ -8,12 +8,12 @@ from .presets import PRESETS, get_preset  # noqa: E402
 
 
 def __getattr__(name):  # keep `import vlpet` light: torch/transformers load on first use of the model
-    if name in ("VLModel", "VisualConfig"):
+    if name in ("VLModel", "VisualConfig", "get_vlpet_model"):
         from . import model
 
         return getattr(model, name)
     raise AttributeError(name)
 
 
-__all__ = ["VLModel", "VisualConfig", "MethodConfig", "ModuleSpec", "PRESETS", "get_preset", "VLPetError",
+__all__ = ["VLModel", "VisualConfig", "get_vlpet_model", "MethodConfig", "ModuleSpec", "PRESETS", "get_preset", "VLPetError",
            "ConfigError", "ShapeError", "CheckpointError", "TrainingError"]

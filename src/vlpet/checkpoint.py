@@ -105,20 +105,29 @@ def check_compatible(cfg: dict, model, source: str) -> None:
                                   f"{model.backbone_name!r} has {key}={have.get(key)!r}")
 
 
-def load_adapter(folder, backbone: str | None = None, device=None, strict: bool = True):
-    from .backbones.loading import load_backbone
+def load_adapter(folder, backbone: str | None = None, device=None, strict: bool = True, base_model=None):
+    """`base_model`: a loaded HF model to put the adapter onto in place (PEFT style); else the backbone
+    named in the folder (or `backbone`) is loaded."""
+    from .backbones.loading import load_backbone, load_processor
     from .method import MethodConfig
     from .model import VisualConfig, VLModel
 
     folder = Path(folder)
     cfg = read_adapter_config(folder)
     method = MethodConfig.from_dict(cfg["method"], source=f"{folder / CONFIG_NAME}: method")
-    try:
-        visual = VisualConfig(**cfg["visual"])
-    except TypeError as exc:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: bad 'visual' field ({exc})") from exc
+    native = bool(cfg.get("native_inputs", False))
+    visual = None
+    if not native:
+        try:
+            visual = VisualConfig(**cfg["visual"])
+        except TypeError as exc:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: bad 'visual' field ({exc})") from exc
     name = backbone or cfg["backbone"]
-    base = load_backbone(name, seed=cfg.get("backbone_seed", 0))
+    if base_model is not None:
+        base = base_model
+        name = backbone or cfg["backbone"] or getattr(base.config, "_name_or_path", "")
+    else:
+        base = load_backbone(name, seed=cfg.get("backbone_seed", 0))
     tokenizer = None
     if (folder / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
@@ -127,8 +136,10 @@ def load_adapter(folder, backbone: str | None = None, device=None, strict: bool 
     if base.config.model_type != cfg["architecture"]["model_type"]:
         raise CheckpointError(f"{folder}: adapter was made for model_type={cfg['architecture']['model_type']!r} "
                               f"but backbone {name!r} is {base.config.model_type!r}")
+    processor = load_processor(name) if native and base_model is None and name else None
     model = VLModel(base, method, visual, backbone_name=name, tokenizer=tokenizer,
-                    vocab_rows=cfg["vocab"]["rows"], seed=cfg.get("backbone_seed", 0))
+                    vocab_rows=cfg["vocab"]["rows"], seed=cfg.get("backbone_seed", 0),
+                    native_inputs=native, processor=processor)
     check_compatible(cfg, model, str(folder))
     tensors = load_tensors(folder / WEIGHTS_NAME)
     load_trainable(model, tensors, source=str(folder / WEIGHTS_NAME), strict=strict)

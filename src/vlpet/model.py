@@ -5,6 +5,12 @@
     ids = model.generate(input_ids, attention_mask, vis_feats=feats, num_beams=5, max_length=40)
     model.save_pretrained("adapter/")                                  # trainable tensors + config only
     model = VLModel.from_pretrained("adapter/")                       # base model + adapter folder
+
+Today's VLMs (issue 18) take their own inputs through their own processor and frozen vision part:
+
+    model = VLModel.build("florence-community/Florence-2-base", "vl-pet-large")  # or "florence2-base" (random)
+    out = model(**model.processor(images=img, text="What is in the image?"), labels=labels)
+    model = vlpet.get_vlpet_model(hf_model, "vl-pet-large")          # wrap a model you already hold (PEFT style)
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from transformers.modeling_outputs import BaseModelOutput
 from .backbones.arch import ArchSpec, arch_for
 from .backbones.head import AlignedLMHead
 from .backbones.joint import JointContext, TextOnlyNorm, TextOnlyPositions, TextOnlyRelativeBias
-from .backbones.loading import load_backbone, load_tokenizer, vocab_size_after_extension
+from .backbones.loading import load_backbone, load_processor, load_tokenizer, vocab_size_after_extension
+from .backbones import vlm
 from .backbones.visual import RMSNorm, VisualEmbedding, pool_grid
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 from .granularity import GatedModification
 from .method import MethodConfig
+from .methods.adapter import ParallelLinear
 from .methods.hyperformer import HyperAdapter, HyperNetController, TaskEmbeddings
 from .methods.prompt import EncoderPrompt
 from .placement import GatedSublayer, apply_zero_init, get_module, init_new_modules, place_modules, set_module
@@ -51,34 +59,50 @@ class VisualConfig:
 
 
 class VLModel(nn.Module):
-    def __init__(self, backbone: nn.Module, method: MethodConfig, visual: VisualConfig, *,
-                 backbone_name: str, tokenizer=None, vocab_rows: int | None = None, seed: int = 0):
+    _adapters_disabled = False  # inside `disable_adapters()`
+    def __init__(self, backbone: nn.Module, method: MethodConfig, visual: VisualConfig | None, *,
+                 backbone_name: str, tokenizer=None, vocab_rows: int | None = None, seed: int = 0,
+                 native_inputs: bool | None = None, processor=None):
         super().__init__()
         cfg = backbone.config
-        self.arch: ArchSpec = arch_for(cfg.model_type)
+        self.arch: ArchSpec = arch_for(cfg.model_type, cfg)
+        # The VLM's own input path (issue 18): always for VLMs; for a plain BART/T5 when wrapped PEFT-style
+        # (get_vlpet_model). False: the VL-BART / VL-T5 path over precomputed features.
+        self.native_inputs = bool(self.arch.image_path) if native_inputs is None else bool(native_inputs)
+        if self.arch.image_path and not self.native_inputs:
+            raise ShapeError(f"{cfg.model_type} defines its own image input; it cannot take the VL-BART feature path")
         self.method = method
-        self.visual_config = visual
+        self.visual_config = None if self.native_inputs else visual
         self.backbone_name = backbone_name
+        self.processor = processor
+        if tokenizer is None and processor is not None:
+            tokenizer = getattr(processor, "tokenizer", None)
         self.tokenizer = tokenizer
         self.seed = seed
-        self.d_model = cfg.d_model
+        tcfg = vlm.text_config(cfg)
+        self.d_model = tcfg.d_model
         self.ctx = JointContext()
         meta = next(backbone.parameters()).device.type == "meta"
-        if getattr(cfg, "decoder_start_token_id", None) is None:  # T5 convention: start with pad
-            cfg.decoder_start_token_id = cfg.pad_token_id
+        if getattr(tcfg, "decoder_start_token_id", None) is None:  # T5 convention: start with pad
+            tcfg.decoder_start_token_id = tcfg.pad_token_id
 
         with fork_rng(seed, enabled=not meta):
             self.original_vocab_rows = backbone.get_input_embeddings().num_embeddings
-            rows = vocab_rows or vocab_size_after_extension(backbone_name, backbone, tokenizer)
-            self._extend_vocabulary(backbone, rows)
+            if not self.native_inputs:  # the 200 VL rows belong to the VL-BART input path only
+                rows = vocab_rows or vocab_size_after_extension(backbone_name, backbone, tokenizer)
+                self._extend_vocabulary(backbone, rows)
             head = backbone.get_output_embeddings()
             if head is not None:  # same weights, a GPU-friendly product (vlpet.backbones.head)
                 backbone.set_output_embeddings(AlignedLMHead.replace(head))
             self.backbone = backbone
-            self._wrap_joint_input()
-            self.visual_embedding = VisualEmbedding(visual.feat_dim, self.d_model, self.arch.norm, self.arch.norm_eps,
-                                                    n_images=visual.n_images)
-            new_modules: list[nn.Module] = [self.visual_embedding]
+            new_modules: list[nn.Module] = []
+            if self.native_inputs:
+                self.visual_embedding = None  # the VLM's projector plays its part (ArchSpec.projector)
+            else:
+                self._wrap_joint_input()
+                self.visual_embedding = VisualEmbedding(visual.feat_dim, self.d_model, self.arch.norm,
+                                                        self.arch.norm_eps, n_images=visual.n_images)
+                new_modules.append(self.visual_embedding)
             created = place_modules(self.backbone, self.arch, method, self.ctx, self.d_model)
             new_modules += [m for m, _ in created]
             self.prompt = EncoderPrompt(self.d_model, method.prompt.length, method.prompt.mid_dim) \
@@ -95,25 +119,45 @@ class VLModel(nn.Module):
 
                 lora_modules = inject_lora(self.backbone, self.arch, method.lora)
             if method.add_biases:
-                _add_zero_biases(self)
-        self._pet_modules = new_modules[1:] + lora_modules
+                _add_zero_biases(self.language_model if self.native_inputs else self)
+        self._pet_modules = [m for m in new_modules if m is not self.visual_embedding] + lora_modules
         self._set_neutral_generation_config()
         self.configure_trainable()
+        # The frozen backbone values of the trainable backbone tensors (norms, biases, projector): the
+        # disable context puts them back, so that it gives the plain model's outputs (CPU copies, not state).
+        self._base_values = {} if meta or "all" in method.trainable else {
+            n: p.detach().to("cpu", copy=True) for n, p in self._backbone_trainables()}
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def build(cls, backbone: str = "bart-base", method: str | MethodConfig = "vl-pet-large", *,
               video: bool = False, feat_dim: int | None = None, tokenizer=None, seed: int = 0,
               meta: bool = False, load_tok: bool = True) -> "VLModel":
-        """Backbone: a built-in name (offline, random weights), a HF id or a local folder."""
+        """Backbone: a built-in name (offline, random weights), a HF id or a local folder. Florence-2 and
+        BLIP-2 / InstructBLIP (T5 LM) take their own input path, with the VLM's processor when one exists."""
         model = load_backbone(backbone, seed=seed, meta=meta)
-        arch = arch_for(model.config.model_type)
+        arch = arch_for(model.config.model_type, model.config)
+        if arch.image_path:
+            if isinstance(method, str):  # module sizes scale with the language model's width (issue 18)
+                method = get_preset(method, arch.family, d_model=vlm.text_config(model.config).d_model)
+            processor = load_processor(backbone) if load_tok and not meta else None
+            return cls(model, method, None, backbone_name=backbone, tokenizer=tokenizer, seed=seed,
+                       processor=processor)
         if isinstance(method, str):
             method = get_preset(method, arch.family, video=video)
         if tokenizer is None and load_tok and not meta:
             tokenizer = load_tokenizer(backbone)
         return cls(model, method, VisualConfig.for_task(video, feat_dim), backbone_name=backbone,
                    tokenizer=tokenizer, seed=seed)
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The language encoder-decoder inside the backbone (the backbone itself for BART / T5)."""
+        return get_module(self.backbone, self.arch.language_model) if self.arch.language_model else self.backbone
+
+    @property
+    def _seq2seq(self) -> nn.Module:
+        return vlm.seq2seq_module(self.backbone, self.arch.image_path) if self.native_inputs else self.backbone
 
     def _extend_vocabulary(self, backbone, rows: int) -> None:
         old = backbone.get_input_embeddings().num_embeddings
@@ -167,38 +211,88 @@ class VLModel(nn.Module):
         pins its own settings through `generate(...)`."""
         from transformers import GenerationConfig
 
-        old = self.backbone.generation_config
-        c = self.backbone.config
+        target = self._seq2seq
+        old = target.generation_config
+        c = vlm.text_config(target.config)
 
         def token(name):
             value = getattr(old, name, None)
             return value if value is not None else getattr(c, name, None)
 
         start = token("decoder_start_token_id")
-        self.backbone.generation_config = GenerationConfig(
+        target.generation_config = GenerationConfig(
             decoder_start_token_id=start if start is not None else token("pad_token_id"),
             bos_token_id=token("bos_token_id"), eos_token_id=token("eos_token_id"), pad_token_id=token("pad_token_id"))
 
     # -- trainable set (spec §2.3) -------------------------------------------------------------
     def configure_trainable(self) -> None:
+        """The method's trainable set. On a VLM the extras map onto its language model (`visual_embedding` =
+        the vision-to-language projector); the vision tower and Q-Former stay frozen in every method, as the
+        paper's CLIP did (so the frozen image features can be cached)."""
         extras = set(self.method.trainable)
         for p in self.parameters():
             p.requires_grad_("all" in extras)
         if "all" in extras:
+            for part in self.arch.vision_parts if self.native_inputs else ():
+                _part(self.backbone, part).requires_grad_(False)
             return
         if "visual_embedding" in extras:
-            self.visual_embedding.requires_grad_(True)
+            if self.visual_embedding is not None:
+                self.visual_embedding.requires_grad_(True)
+            elif self.arch.projector:
+                get_module(self.backbone, self.arch.projector).requires_grad_(True)
+        lm = self.language_model
         if "encoder_layer_norms" in extras or "all_layer_norms" in extras:
-            root = get_module(self.backbone, self.arch.encoder) if "all_layer_norms" not in extras else self.backbone
+            root = get_module(self.backbone, self.arch.encoder) if "all_layer_norms" not in extras else lm
             for m in root.modules():
                 if _is_norm(m):
                     m.requires_grad_(True)
         if "biases" in extras:
-            for name, p in self.backbone.named_parameters():
+            for name, p in lm.named_parameters():
                 if name.endswith("bias"):
                     p.requires_grad_(True)
         for m in self._pet_modules:
             m.requires_grad_(True)
+
+    def _pet_parameter_ids(self) -> set[int]:
+        return {id(p) for m in self._pet_modules for p in m.parameters()}
+
+    def _backbone_trainables(self):
+        """Trainable tensors of the backbone itself (not of a PET module): norms, biases, the projector."""
+        pet = self._pet_parameter_ids()
+        return [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad and id(p) not in pet]
+
+    @contextlib.contextmanager
+    def disable_adapters(self):
+        """Inside: every PET module is bypassed and the trainable backbone tensors (norms, biases, projector)
+        hold their base values, so outputs equal the plain model's (PEFT's `disable_adapter`)."""
+        if "all" in self.method.trainable:
+            raise ConfigError("disable_adapters: full fine-tuning has no adapters; every backbone tensor is tuned")
+        params = dict(self.backbone.named_parameters())
+        tuned = {}
+        with torch.no_grad():
+            for n, base in self._base_values.items():
+                tuned[n] = params[n].detach().clone()
+                params[n].copy_(base.to(params[n].device, params[n].dtype))
+        lora = [m for m in self.backbone.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
+        wrappers = [m for m in self.modules() if isinstance(m, (GatedSublayer, ParallelLinear))]
+        old = self._adapters_disabled
+        self._adapters_disabled = True
+        for m in wrappers:
+            m.disabled = True
+        for m in lora:
+            m.enable_adapters(False)
+        try:
+            yield self
+        finally:
+            self._adapters_disabled = old
+            for m in wrappers:
+                m.disabled = old
+            for m in lora:
+                m.enable_adapters(not old)
+            with torch.no_grad():
+                for n, t in tuned.items():
+                    params[n].copy_(t)
 
     def set_frozen_dtype(self, dtype: torch.dtype) -> None:
         """Store the frozen backbone tensors in `dtype` (bf16 for bf16 training; see vlpet.frozen_precision).
@@ -262,7 +356,7 @@ class VLModel(nn.Module):
         parts = [self.backbone.get_input_embeddings()(input_ids)]
         masks = [attention_mask.long()]
         prompt_len = 0
-        if self.prompt is not None:
+        if self.prompt is not None and not self._adapters_disabled:
             parts.insert(0, self.prompt(b).to(parts[0].dtype))
             masks.insert(0, torch.ones(b, self.prompt.length, dtype=torch.long, device=input_ids.device))
             prompt_len = self.prompt.length
@@ -289,6 +383,99 @@ class VLModel(nn.Module):
                 self.ctx.text_len, self.ctx.mask = None, None
         return BaseModelOutput(last_hidden_state=enc.last_hidden_state), mask
 
+    # -- the VLM's own input path (issue 18; vlpet.backbones.vlm) --------------------------------------
+    def _check_native(self, what: str) -> None:
+        if not self.native_inputs:
+            raise ShapeError(f"{what} is for VLM backbones (Florence-2, BLIP-2 / InstructBLIP); {self.backbone_name!r} "
+                             f"reads precomputed features through vis_feats=")
+        if not self.arch.image_path:
+            raise ShapeError(f"{what}: {self.backbone_name!r} is a text-only seq2seq model; it takes no images")
+
+    @torch.no_grad()
+    def frozen_image_features(self, pixel_values: torch.Tensor, **kw) -> torch.Tensor:
+        """The output of the frozen part of the image path, per image and deterministic (eval mode): Florence-2's
+        vision tower, BLIP-2's vision tower + Q-Former, InstructBLIP's vision tower (its Q-Former reads the
+        instruction). Pass it back as `image_features=` to skip that part (a per-image cache)."""
+        self._check_native("frozen_image_features")
+        was = [(m, m.training) for m in (_part(self.backbone, p) for p in self.arch.vision_parts)
+               if isinstance(m, nn.Module)]
+        for m, _ in was:
+            m.eval()
+        try:
+            return vlm.frozen_features(self.backbone, self.arch.image_path, pixel_values)
+        finally:
+            for m, mode in was:
+                m.train(mode)
+
+    def image_features_key(self, processor=None) -> str:
+        """A short digest of everything that determines `frozen_image_features`: the backbone's config, the
+        frozen vision weights, and the processor's image settings (for a disk cache)."""
+        import hashlib
+        import json
+
+        self._check_native("image_features_key")
+        h = hashlib.sha256()
+        h.update(json.dumps(self.backbone.config.to_dict(), sort_keys=True, default=str).encode())
+        for part in self.arch.vision_parts:
+            mod = _part(self.backbone, part)
+            tensors = [("", mod)] if isinstance(mod, torch.Tensor) else list(mod.state_dict().items())
+            for name, t in sorted(tensors, key=lambda kv: kv[0]):
+                h.update(f"{part}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        proc = processor if processor is not None else self.processor
+        image_proc = getattr(proc, "image_processor", None)
+        if image_proc is not None:
+            h.update(json.dumps(image_proc.to_dict(), sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+    def _native_encode(self, input_ids, attention_mask=None, pixel_values=None, image_features=None,
+                       qformer_input_ids=None, qformer_attention_mask=None, inputs_embeds=None):
+        """The VLM's input merge (image features into the image-token slots), then its language encoder;
+        prompt-tuning tokens, if any, go first. Returns (BaseModelOutput, attention mask)."""
+        if pixel_values is not None and image_features is not None:
+            raise ShapeError("give pixel_values or image_features, not both")
+        if inputs_embeds is None:
+            if input_ids is None or input_ids.dim() != 2:
+                raise ShapeError(f"input_ids has shape {None if input_ids is None else tuple(input_ids.shape)}; "
+                                 f"expected [B, L]")
+            inputs_embeds = self.backbone.get_input_embeddings()(input_ids)
+        b = inputs_embeds.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        if pixel_values is not None or image_features is not None:
+            self._check_native("pixel_values / image_features")
+            if image_features is None:
+                # no autograd graph through the frozen part unless something in it trains
+                image_features = vlm.frozen_features(self.backbone, self.arch.image_path, pixel_values)
+            if image_features.shape[0] != b:
+                raise ShapeError(f"image batch {image_features.shape[0]} != text batch {b}")
+            image_embeds = vlm.project(self.backbone, self.arch.image_path, image_features,
+                                       qformer_input_ids, qformer_attention_mask)
+            if input_ids is None:
+                raise ShapeError("images need input_ids (their image tokens mark where the features go)")
+            inputs_embeds = vlm.merge_image_tokens(self.backbone.config, input_ids, inputs_embeds, image_embeds)
+        mask = attention_mask
+        if self.prompt is not None and not self._adapters_disabled:
+            inputs_embeds = torch.cat([self.prompt(b).to(inputs_embeds.dtype), inputs_embeds], dim=1)
+            mask = torch.cat([torch.ones(b, self.prompt.length, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        self.ctx.prompt_len, self.ctx.mask = (self.prompt.length if self.prompt is not None else 0), mask
+        encoder = self._seq2seq.get_encoder()
+        try:
+            enc = encoder(inputs_embeds=inputs_embeds, attention_mask=mask, return_dict=True)
+        finally:
+            self.ctx.mask = None
+        return BaseModelOutput(last_hidden_state=enc.last_hidden_state), mask
+
+    def _native_forward(self, input_ids, attention_mask, labels, decoder_input_ids, decoder_attention_mask,
+                        pixel_values, image_features, qformer_input_ids, qformer_attention_mask, task, kwargs):
+        with self.task_context(task):
+            enc, mask = self._native_encode(input_ids, attention_mask, pixel_values, image_features,
+                                            qformer_input_ids, qformer_attention_mask, kwargs.pop("inputs_embeds", None))
+            out = self._seq2seq(encoder_outputs=enc, attention_mask=mask, labels=labels,
+                                decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                                return_dict=True, **kwargs)
+        return out
+
     @contextlib.contextmanager
     def task_context(self, task: str | None):
         old = getattr(self.ctx, "task", None)
@@ -298,19 +485,33 @@ class VLModel(nn.Module):
         finally:
             self.ctx.task = old
 
-    def forward(self, input_ids, attention_mask=None, vis_feats=None, vis_attention_mask=None, boxes=None,
+    def forward(self, input_ids=None, attention_mask=None, vis_feats=None, vis_attention_mask=None, boxes=None,
                 labels=None, decoder_input_ids=None, decoder_attention_mask=None, task: str | None = None,
-                return_loss: bool = True, **kwargs):
+                return_loss: bool = True, pixel_values=None, image_features=None, qformer_input_ids=None,
+                qformer_attention_mask=None, **kwargs):
         """`labels` give the teacher-forced decoder input (shifted right) and, with `return_loss`, transformers'
         token-mean loss. Trainers that compute their own task loss pass `return_loss=False` to skip that
-        second cross-entropy over the vocabulary."""
+        second cross-entropy over the vocabulary.
+
+        VLM backbones take the VLM's own inputs (`model(**processor(images=..., text=...), labels=...)`):
+        `pixel_values` (or `image_features` from `frozen_image_features`), and InstructBLIP's `qformer_*`."""
         if labels is not None and not return_loss:
             if decoder_input_ids is None:
-                decoder_input_ids = self.backbone.prepare_decoder_input_ids_from_labels(labels=labels)
+                decoder_input_ids = (self._shift_labels(labels) if self.native_inputs
+                                     else self.backbone.prepare_decoder_input_ids_from_labels(labels=labels))
             labels = None
         # A teacher-forced forward needs no KV cache; building one costs time, and in transformers 5.17 its
         # constructor (a config deepcopy) breaks torch.compile's graph. Generation passes its own.
         kwargs.setdefault("use_cache", False)
+        if self.native_inputs:
+            if vis_feats is not None:
+                raise ShapeError("vis_feats is the VL-BART feature path; this model takes pixel_values "
+                                 "(or image_features) through its own processor")
+            return self._native_forward(input_ids, attention_mask, labels, decoder_input_ids, decoder_attention_mask,
+                                        pixel_values, image_features, qformer_input_ids, qformer_attention_mask,
+                                        task, kwargs)
+        if input_ids is None:
+            raise ShapeError("input_ids is required")
 
         def run():
             enc, mask = self.encode(input_ids, attention_mask, vis_feats, vis_attention_mask, boxes)
@@ -326,15 +527,28 @@ class VLModel(nn.Module):
         with self.task_context(task):
             return run()
 
+    def _shift_labels(self, labels):
+        c = vlm.text_config(self._seq2seq.config)
+        start = c.decoder_start_token_id if c.decoder_start_token_id is not None else c.pad_token_id
+        shifted = labels.new_full(labels.shape, start)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == -100, c.pad_token_id)
+
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, vis_feats=None, vis_attention_mask=None, boxes=None,
-                 task: str | None = None, **generation_settings):
+    def generate(self, input_ids=None, attention_mask=None, vis_feats=None, vis_attention_mask=None, boxes=None,
+                 task: str | None = None, pixel_values=None, image_features=None, qformer_input_ids=None,
+                 qformer_attention_mask=None, **generation_settings):
         """transformers' generation from the VL encoder output. Pass every setting explicitly
-        (num_beams, max_length / max_new_tokens, no_repeat_ngram_size, ...); none is inherited."""
+        (num_beams, max_length / max_new_tokens, no_repeat_ngram_size, ...); none is inherited.
+        VLMs: the language model's own `generate` from the merged encoder input (what the VLM's generate runs)."""
+        generation_settings.setdefault("num_beams", 1)
+        generation_settings.setdefault("do_sample", False)
         with self.task_context(task):
+            if self.native_inputs:
+                enc, mask = self._native_encode(input_ids, attention_mask, pixel_values, image_features,
+                                                qformer_input_ids, qformer_attention_mask)
+                return self._seq2seq.generate(encoder_outputs=enc, attention_mask=mask, **generation_settings)
             enc, mask = self.encode(input_ids, attention_mask, vis_feats, vis_attention_mask, boxes)
-            generation_settings.setdefault("num_beams", 1)
-            generation_settings.setdefault("do_sample", False)
             return self.backbone.generate(encoder_outputs=enc, attention_mask=mask, **generation_settings)
 
     # -- gates -------------------------------------------------------------------------------------
@@ -369,17 +583,20 @@ class VLModel(nn.Module):
         c = self.backbone.config
         enc_layers = len(get_module(self.backbone, self.arch.encoder_layers))
         dec_layers = len(get_module(self.backbone, self.arch.decoder_layers))
-        return {
+        out = {
             "format_version": FORMAT_VERSION,
             "backbone": self.backbone_name,
             "backbone_seed": self.seed,
-            "architecture": {"model_type": c.model_type, "arch": self.arch.name, "d_model": c.d_model,
+            "architecture": {"model_type": c.model_type, "arch": self.arch.name, "d_model": self.d_model,
                              "encoder_layers": enc_layers, "decoder_layers": dec_layers},
             "vocab": {"original_rows": self.original_vocab_rows,
                       "rows": self.backbone.get_input_embeddings().num_embeddings},
-            "visual": dataclasses.asdict(self.visual_config),
+            "visual": None if self.visual_config is None else dataclasses.asdict(self.visual_config),
             "method": self.method.to_dict(),
         }
+        if self.native_inputs:
+            out["native_inputs"] = True
+        return out
 
     def save_pretrained(self, folder: str | Path) -> Path:
         from .checkpoint import save_adapter
@@ -387,10 +604,37 @@ class VLModel(nn.Module):
         return save_adapter(self, folder)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, backbone: str | None = None, **kwargs) -> "VLModel":
+    def from_pretrained(cls, folder: str | Path, backbone: str | None = None, *, base_model: nn.Module | None = None,
+                        **kwargs) -> "VLModel":
+        """Base model + adapter folder. `base_model`: a loaded Hugging Face model to put the adapter onto
+        (in place, as PEFT's `PeftModel.from_pretrained`); otherwise the backbone named in the folder."""
         from .checkpoint import load_adapter
 
-        return load_adapter(folder, backbone=backbone, **kwargs)
+        return load_adapter(folder, backbone=backbone, base_model=base_model, **kwargs)
+
+
+def get_vlpet_model(model: nn.Module, method: str | MethodConfig = "vl-pet-large", *, seed: int = 0,
+                    processor=None) -> VLModel:
+    """Put a VL-PET method into a loaded Hugging Face model, in place, as PEFT's `get_peft_model` does:
+    BART / T5 (plain text seq2seq: their own inputs, no VL-BART feature path) and Florence-2, BLIP-2 and
+    InstructBLIP with a T5 LM (their own image path). Module sizes follow the language model's width."""
+    if isinstance(model, VLModel):
+        raise ConfigError("get_vlpet_model: the model already holds a VL-PET method")
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(model, "get_input_embeddings"):
+        raise ConfigError(f"get_vlpet_model expects a Hugging Face PreTrainedModel, got {type(model).__name__}")
+    arch = arch_for(cfg.model_type, cfg)
+    if isinstance(method, str):
+        method = get_preset(method, arch.family, d_model=vlm.text_config(cfg).d_model)
+    return VLModel(model, method, None, backbone_name=getattr(cfg, "_name_or_path", "") or "", seed=seed,
+                   native_inputs=True, processor=processor)
+
+
+def _part(root: nn.Module, path: str):
+    """A module or a bare parameter (BLIP-2's `query_tokens`) by dotted path."""
+    parent, _, name = path.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    return getattr(owner, name)
 
 
 def _is_norm(m: nn.Module) -> bool:

@@ -63,8 +63,14 @@ class GatedSublayer(nn.Module):
         self._ctx = [ctx]
         self.parallel = parallel
 
+    disabled = False  # VLModel.disable_adapters: the plain sub-layer
+
     def forward(self, *args, **kwargs):
         out = self.base_layer(*args, **kwargs)
+        if self.disabled:
+            if self._slot is not None:
+                self._slot.x = None
+            return out
         h = out if self.output_index is None else out[self.output_index]
         if self._slot is not None:
             x, self._slot.x = self._slot.x, None

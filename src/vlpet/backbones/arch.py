@@ -48,6 +48,15 @@ class ArchSpec:
     new_vocab_row_std: float = 0.02  # T5: nn.Embedding's N(0, 1)
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    # Vision-language models that define their own input path (issue 18): the paths above are rooted at
+    # the VLM; `image_path` names how images reach the language encoder (vlpet.backbones.vlm), and
+    # nothing of the VL-BART input machinery (text-only wrappers, the 200 added tokens, vlpet's visual
+    # embedding) is applied. None: a plain seq2seq LM (VL-BART / VL-T5 input path, or plain text).
+    image_path: str | None = None
+    language_model: str = ""  # root of the language encoder-decoder ("" = the whole model)
+    projector: str | None = None  # the vision-to-language projector: the `visual_embedding` extra
+    vision_parts: tuple[str, ...] = ()  # frozen in every method (the paper's frozen CLIP)
+    text_model_types: tuple[str, ...] = ()  # composite configs: the allowed text_config.model_type
 
 
 _BART_SUBLAYERS = {
@@ -150,15 +159,59 @@ MBART = ArchSpec(
 PEGASUS = replace(MBART, name="pegasus", model_types=("pegasus",), text_only_norm=None,
                   notes="generic path: pre-LN, sinusoidal positions")
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (BART, T5, MBART, PEGASUS)
 
 
-def arch_for(model_type: str) -> ArchSpec:
+def _rooted(base: ArchSpec, root: str, **kw) -> ArchSpec:
+    """`base`'s sub-layer table under `root` (the VLM's language encoder-decoder), without the
+    VL-BART/VL-T5 text-only wrappers: the VLM keeps its own input path (image tokens get positions,
+    layernorm_embedding and relative bias exactly as in its pretraining)."""
+    def at(path):
+        return f"{root}.{path}" if root else path
+    return replace(base, encoder=at(base.encoder), encoder_layers=at(base.encoder_layers),
+                   decoder_layers=at(base.decoder_layers), shared_embedding=at(base.shared_embedding),
+                   text_only_positions=None, text_only_norm=None, relative_bias=None, language_model=root, **kw)
+
+
+# Florence-2: `model.language_model` is a BartModel (post-LN, no head); lm_head sits on the VLM.
+FLORENCE2 = replace(
+    _rooted(replace(BART, encoder="encoder", encoder_layers="encoder.layers", decoder_layers="decoder.layers",
+                    shared_embedding="shared"), "model.language_model"),
+    name="florence2", model_types=("florence2",), image_path="florence2", projector="model.multi_modal_projector",
+    vision_parts=("model.vision_tower",), text_model_types=("bart",),
+    notes="Florence-2: DaViT + projector, image tokens merged into a post-LN BART encoder; gates read the layer input")
+
+BLIP2_T5 = _rooted(T5, "language_model", name="blip2-t5", model_types=("blip-2",), image_path="blip2",
+                   projector="language_projection", vision_parts=("vision_model", "qformer", "query_tokens"),
+                   text_model_types=("t5", "mt5", "umt5"),
+                   notes="BLIP-2 with a (Flan-)T5 LM: Q-Former queries merged into a pre-LN T5 encoder")
+
+INSTRUCTBLIP_T5 = replace(BLIP2_T5, name="instructblip-t5", model_types=("instructblip",), image_path="instructblip",
+                          notes="InstructBLIP with a (Flan-)T5 LM: the Q-Former also reads the instruction")
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (BART, T5, MBART, PEGASUS, FLORENCE2, BLIP2_T5, INSTRUCTBLIP_T5)
+VLM_ARCHITECTURES = (FLORENCE2, BLIP2_T5, INSTRUCTBLIP_T5)
+# Known VLMs without an entry (decoder-only LMs, or a BLIP-2 with OPT): the error names what is supported.
+SUPPORTED_VLMS = ("Florence2ForConditionalGeneration", "Blip2ForConditionalGeneration with a T5/Flan-T5 LM",
+                  "InstructBlipForConditionalGeneration with a T5/Flan-T5 LM")
+
+
+def arch_for(model_type: str, config=None) -> ArchSpec:
+    """The table entry for a config's `model_type`; composite (VLM) configs also check the language model."""
     for spec in ARCHITECTURES:
         if model_type in spec.model_types:
+            if spec.text_model_types and config is not None:
+                text = getattr(getattr(config, "text_config", None), "model_type", None)
+                if text not in spec.text_model_types:
+                    raise ConfigError(
+                        f"backbone {model_type!r} with a {text!r} language model is not supported; vlpet puts VL-PET "
+                        f"into encoder-decoder VLMs: {'; '.join(SUPPORTED_VLMS)}")
             return spec
-    known = sorted(t for s in ARCHITECTURES for t in s.model_types)
+    known = sorted(t for s in ARCHITECTURES if not s.image_path for t in s.model_types)
+    if config is not None and (hasattr(config, "vision_config") or hasattr(config, "text_config")):
+        raise ConfigError(f"vision-language backbone model_type {model_type!r} is not supported; supported VLMs: "
+                          f"{'; '.join(SUPPORTED_VLMS)} (plain seq2seq LMs: {', '.join(known)})")
     raise ConfigError(
         f"backbone model_type {model_type!r} has no entry in vlpet's architecture table; "
-        f"supported: {', '.join(known)} (add an ArchSpec in vlpet/backbones/arch.py)"
+        f"supported: {', '.join(known)}; VLMs: {'; '.join(SUPPORTED_VLMS)} "
+        f"(add an ArchSpec in vlpet/backbones/arch.py)"
     )

@@ -31,7 +31,15 @@ class BuiltinBackbone:
 BUILTIN_BACKBONES = {
     "bart-base": BuiltinBackbone("bart-base.json", "facebook/bart-base", 50265 + 2 * N_EXTRA_IDS),
     "t5-base": BuiltinBackbone("t5-base.json", "google-t5/t5-base", 32000 + 2 * N_EXTRA_IDS),
+    # VLMs keep their own vocabulary (no added rows); configs and sources: docs/vlm-backbones.md
+    "florence2-base": BuiltinBackbone("florence2-base.json", "florence-community/Florence-2-base", 0),
+    "florence2-large": BuiltinBackbone("florence2-large.json", "florence-community/Florence-2-large", 0),
+    "blip2-flan-t5-xl": BuiltinBackbone("blip2-flan-t5-xl.json", "Salesforce/blip2-flan-t5-xl", 0),
 }
+
+# model_type -> transformers class of the encoder-decoder VLMs vlpet supports (issue 18)
+VLM_CLASSES = {"florence2": "Florence2ForConditionalGeneration", "blip-2": "Blip2ForConditionalGeneration",
+               "instructblip": "InstructBlipForConditionalGeneration"}
 
 
 def builtin_config(name: str):
@@ -48,39 +56,71 @@ def _is_local(name: str) -> bool:
     return os.path.sep in name or name.startswith(".") or Path(name).exists()
 
 
+def _model_class(config):
+    """The class that builds `config`: a supported VLM's own class, else AutoModelForSeq2SeqLM. A VLM vlpet
+    does not support (decoder-only, BLIP-2 with OPT, ...) is refused by the architecture table."""
+    import transformers
+
+    from .arch import arch_for
+
+    if config.model_type in VLM_CLASSES or hasattr(config, "vision_config"):
+        arch_for(config.model_type, config)  # one-line ConfigError naming the supported VLMs
+        return getattr(transformers, VLM_CLASSES[config.model_type])
+    return transformers.AutoModelForSeq2SeqLM
+
+
+def _from_config(config):
+    cls = _model_class(config)
+    return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+
+
 def load_backbone(name_or_path: str, *, seed: int = 0, meta: bool = False, dtype: torch.dtype | None = None):
-    """Return an unmodified HF seq2seq LM.
+    """Return an unmodified HF seq2seq LM or encoder-decoder VLM (Florence-2, BLIP-2 / InstructBLIP with T5).
 
     `meta=True` builds the architecture without allocating weights (parameter counting).
     Built-in names get random weights drawn under `seed`, so the same seed rebuilds the same model.
     """
-    from transformers import AutoModelForSeq2SeqLM
-
     if name_or_path in BUILTIN_BACKBONES:
         config = builtin_config(name_or_path)
         if meta:
             with torch.device("meta"):
-                return AutoModelForSeq2SeqLM.from_config(config)
+                return _from_config(config)
         with fork_rng(seed):
-            model = AutoModelForSeq2SeqLM.from_config(config)
+            model = _from_config(config)
         return model
     if _is_local(name_or_path) and not Path(name_or_path).is_dir():
         raise ConfigError(f"backbone folder {name_or_path!r} does not exist; give a built-in name "
                           f"({', '.join(BUILTIN_BACKBONES)}), a Hugging Face id or an existing folder")
     try:
-        if meta:
-            from transformers import AutoConfig
+        from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path)
+        cls = _model_class(config)
+        if meta:
             with torch.device("meta"):
-                return AutoModelForSeq2SeqLM.from_config(config)
+                return _from_config(config)
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
+        return cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(
             f"could not load backbone {name_or_path!r} as a Hugging Face seq2seq model ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]}); built-in offline names: {', '.join(BUILTIN_BACKBONES)}"
         ) from exc
+
+
+def load_processor(name_or_path: str):
+    """The VLM's Hugging Face processor, or None when none can be had offline (built-in random names make
+    no network attempt; a folder without processor files gives None)."""
+    if name_or_path in BUILTIN_BACKBONES:
+        return None
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(name_or_path)
+    except Exception:  # noqa: BLE001 - any failure means "no processor here"; the model still works on tensors
+        return None
 
 
 def load_tokenizer(name_or_path: str, required: bool = False):

@@ -85,5 +85,9 @@ class ParallelLinear(nn.Module):
         self.base_layer = base_layer
         self.delta = delta
 
+    disabled = False  # VLModel.disable_adapters: the plain projection
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x)
         return self.base_layer(x) + self.delta(x)
