@@ -149,7 +149,12 @@ class NativeDataset(ImageTextDataset):
 
     def __init__(self, spec: TaskSpec, items: list, tokenizer, image_root: ImageRoot, model_type: str, *, mode: str,
                  seed: int = 0, split: str = "") -> None:
-        super().__init__(spec, items, tokenizer, {}, mode=mode, seed=seed, split=split)
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        # the collator tokenizes (through the VLM's processor): no tokenizer is needed here
+        self.spec, self.task, self.items, self.tokenizer = spec, spec.name, items, tokenizer
+        self.feature_dirs, self.mode, self.seed, self.split, self.epoch = {}, mode, int(seed), split, 0
+        self.pad_id = getattr(tokenizer, "pad_token_id", None)
         self.image_root = image_root
         self.model_type = model_type
 

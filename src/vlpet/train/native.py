@@ -28,6 +28,11 @@ def image_path_frozen(model) -> bool:
     runs (the model says so itself if it has ``image_path_frozen()``)."""
     if hasattr(model, "image_path_frozen"):
         return bool(model.image_path_frozen())
+    arch_parts = getattr(getattr(model, "arch", None), "vision_parts", None)
+    if arch_parts:  # the architecture table's frozen vision parts, e.g. "model.vision_tower"
+        backbone = getattr(model, "backbone", model)
+        return not any(p.requires_grad for part in arch_parts
+                       for name, p in backbone.named_parameters() if name == part or name.startswith(part + "."))
     parts = FROZEN_IMAGE_PARTS.get(vlm_model_type(model), ())
     if not parts:
         return False
