@@ -307,3 +307,22 @@ def test_predict_answers_one_question_about_one_image(run, fx, capsys):
     assert rc == 2 and "nope.png" in err and len(err.splitlines()) == 1
     rc = main(["predict", "--checkpoint", str(root / "run"), "--device", "cpu"])
     assert rc == 2 and "--data-root, --task, --output required" in capsys.readouterr().err
+
+
+def test_evaluate_and_predict_a_split_of_a_vlm_run(run, fx, tmp_path, capsys):
+    root, _, _ = run
+    out = root / "run"
+    # the run's image root and feature cache by default; the scores of the run's own test pass
+    assert main(["evaluate", "--checkpoint", str(out), "--data-root", str(fx.data.root), "--device", "cpu",
+                 "--caption-metrics", "BLEU-4,CIDEr", "--output", str(tmp_path / "eval.json")]) == 0
+    assert "| vl-pet-large (last) |" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "eval.json").read_text())["results"]["last"]["scores"]
+    assert scores == json.loads((out / "results.json").read_text())["test"]["last"]
+    # pixels instead of the cache: the same answers
+    assert main(["predict", "--checkpoint", str(out), "--data-root", str(fx.data.root), "--task", "vqa",
+                 "--output", str(tmp_path / "a.json"), "--device", "cpu"]) == 0
+    assert main(["predict", "--checkpoint", str(out), "--data-root", str(fx.data.root), "--task", "vqa",
+                 "--output", str(tmp_path / "b.json"), "--device", "cpu", "--no-image-cache"]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a == json.loads((tmp_path / "b.json").read_text()) and len(a) == 6
+    assert {"question_id", "answer"} == set(a[0])

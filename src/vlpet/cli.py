@@ -41,6 +41,12 @@ def _add_common_model(p: argparse.ArgumentParser) -> None:
                    help="preset name (see `vlpet presets`)")
 
 
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-root", default=None, help="VLM runs: the images (default: the run's --image-root)")
+    p.add_argument("--no-image-cache", dest="image_cache", action="store_false", default=None,
+                   help="VLM runs: run the vision tower on every image instead of reading the run's feature cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vlpet", description="VL-PET: vision-and-language parameter-efficient tuning "
                                  "via granularity control (ICCV 2023), on unmodified Hugging Face encoder-decoders.")
@@ -154,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video: attend to padded frames (default: as the run was trained)")
     p.add_argument("--caption-metrics", type=_tasks, default=None,
                    help="comma-separated caption metrics (default: the run's, else BLEU-4,METEOR,ROUGE-L,CIDEr)")
+    _add_image_options(p)
 
     p = sub.add_parser("predict", help="write predictions in the official submission format, or answer one "
                                        "question about one image (--image --question)")
@@ -174,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-dirname", default=None)
     p.add_argument("--limit", type=_positive_int, default=None)
     p.add_argument("--device", default=None)
+    _add_image_options(p)
 
     # features
     p = sub.add_parser("features", help="grid features of images -> one HDF5 file per image")
@@ -281,7 +289,7 @@ def cmd_evaluate(a) -> int:
     evaluate_checkpoint(a.checkpoint, a.data_root, split=a.split, tasks=a.tasks, backbone=a.backbone,
                         batch_size=a.batch_size, precision=a.precision, feature_dirname=a.feature_dirname,
                         limit=a.limit, device=a.device, output=a.output, unmasked_frames=a.unmasked_frames,
-                        caption_metrics=a.caption_metrics)
+                        caption_metrics=a.caption_metrics, image_root=a.image_root, image_cache=a.image_cache)
     return 0
 
 
@@ -304,7 +312,8 @@ def cmd_predict(a) -> int:
 
     predict_checkpoint(a.checkpoint, a.data_root, a.task, a.output, split=a.split, backbone=a.backbone,
                        batch_size=a.batch_size, precision=a.precision, feature_dirname=a.feature_dirname,
-                       limit=a.limit, device=a.device, unmasked_frames=a.unmasked_frames)
+                       limit=a.limit, device=a.device, unmasked_frames=a.unmasked_frames, image_root=a.image_root,
+                       image_cache=a.image_cache)
     return 0
 
 
