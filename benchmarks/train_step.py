@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                       # the whole matrix on the GPU
     python benchmarks/train_step.py --baselines           # + plain transformers reference rows
     python benchmarks/train_step.py --device cpu --tiny   # CPU smoke test of the same code path
+    python benchmarks/train_step.py --backbones florence2-large,blip2-flan-t5-xl   # VLMs: vlm_train_step.py
 
 One step = forward (autocast for bf16), cross-entropy over the 10 target tokens
 (vlpet.train.losses.task_loss), backward, clip_grad_norm_(5.0) over the trainable tensors, AdamW step
@@ -538,6 +539,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _names_vlm(argv):  # Florence-2 / BLIP-2 (issue 18): their own matrix, images in, PEFT LoRA reference
+        import vlm_train_step
+
+        return vlm_train_step.main(argv)
     args = parse_args(argv)
     device = B.pick_device(args.device)
     B.cpu_threads_for_tiny(device, args.tiny)
@@ -568,6 +574,17 @@ def main(argv=None) -> int:
     writer.write(data)
     print(markdown(data))
     return 0
+
+
+def _names_vlm(argv: list[str]) -> bool:
+    from vlm_train_step import VLM_BACKBONES
+
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--backbones" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--backbones=") else None)
+        if value and any(b in VLM_BACKBONES for b in value.split(",")):
+            return True
+    return False
 
 
 if __name__ == "__main__":
