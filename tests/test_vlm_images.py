@@ -328,3 +328,28 @@ def test_evaluate_and_predict_a_split_of_a_vlm_run(run, fx, tmp_path, capsys):
     a = json.loads((tmp_path / "a.json").read_text())
     assert a == json.loads((tmp_path / "b.json").read_text()) and len(a) == 6
     assert {"question_id", "answer"} == set(a[0])
+
+
+@pytest.mark.parametrize("kind", ["blip-2", "instructblip"])
+def test_train_from_images_on_blip2_and_instructblip(kind, fx, tmp_path):
+    from vlpet.train.loop import Trainer
+
+    folder = (make_tiny_blip2 if kind == "blip-2" else make_tiny_instructblip)(tmp_path / "model")
+    losses, original = {}, Trainer._train_micro_step
+
+    def step(self, batch):
+        value = original(self, batch)
+        losses.setdefault(batch["task"], []).append(value)
+        return value
+
+    Trainer._train_micro_step = step
+    try:
+        rc = main(["train", "--backbone", str(folder), "--data-root", str(fx.data.root), "--image-root",
+                   str(fx.image_root), "--output", str(tmp_path / "run"), "--batch-size", "6", "--lr", "3e-2",
+                   "--epochs", "2", "--no-eval", "--no-test", "--device", "cpu", "--no-progress",
+                   "--image-cache-dir", str(tmp_path / "cache")])
+    finally:
+        Trainer._train_micro_step = original
+    assert rc == 0 and (tmp_path / "run" / "adapter-last" / "adapter_model.safetensors").is_file()
+    for task in ("gqa", "nlvr", "caption"):
+        assert losses[task][-1] < losses[task][0] - 1.0, (task, losses[task])
