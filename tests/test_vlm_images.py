@@ -108,6 +108,14 @@ def test_missing_or_broken_image_is_a_one_line_error_before_anything_is_written(
     rc = main(["train", "--backbone", str(florence_dir), "--data-root", str(fx.data.root), "--image-root",
                str(tmp_path / "nowhere"), "--output", str(out), "--device", "cpu"])
     assert rc == 2 and "--image-root" in capsys.readouterr().err and not out.exists()
+    # a VL-BART backbone reads feature files: refused with --image-root
+    from conftest import make_tiny_bart
+
+    bart, _ = make_tiny_bart(tmp_path / "bart", d_model=32)
+    rc = main(["train", "--backbone", str(bart), "--data-root", str(fx.data.root), "--image-root", str(fx.image_root),
+               "--output", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "precomputed image features" in err and len(err.splitlines()) == 1 and not out.exists()
 
 
 # -- datasets and collate --------------------------------------------------------------------------------
