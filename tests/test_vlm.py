@@ -499,3 +499,46 @@ def test_gate_reads_the_spec_input(vlm_folders, kind):
     with torch.no_grad():
         model(**kw, labels=labels)
     assert seen["attn_x"] is seen["attn_in"] and seen["ffn_x"] is seen["ffn_in"]
+
+
+@pytest.mark.parametrize("kind", VLMS)
+def test_generate_disabled_equals_the_vlms_own_generate(vlm_folders, kind):
+    """Beam search through vlpet (encoder output handed to the language model's generate) matches the plain VLM's
+    own `generate` under the same settings; the tuned model's scores differ."""
+    import copy
+
+    plain = hf_class(kind).from_pretrained(vlm_folders[kind]).eval()
+    model = VLModel.build(vlm_folders[kind], "vl-pet-large").eval()
+    _perturb(model)
+    kw, _ = batch(kind)
+    settings = dict(max_new_tokens=5, min_new_tokens=5, num_beams=2, do_sample=False, output_scores=True,
+                    return_dict_in_generate=True, forced_eos_token_id=2 if kind == "florence2" else 1)
+    config = copy.deepcopy(model._seq2seq.generation_config)
+    config.update(**settings)
+    with torch.no_grad():
+        ref = plain.generate(**kw, generation_config=config)
+    with model.disable_adapters():
+        got = model.generate(**kw, **settings)
+    assert torch.equal(got.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.scores, ref.scores))
+    tuned = model.generate(**kw, **settings)
+    assert not all(torch.equal(a, b) for a, b in zip(tuned.scores, ref.scores))
+
+
+@pytest.mark.parametrize("kind", ("blip2", "instructblip"))
+def test_frozen_vision_part_has_no_dropout_in_training(vlm_folders, kind):
+    """In train mode the frozen vision tower / Q-Former stay in eval mode (the tiny Q-Former has dropout 0.1), so a
+    training forward from pixels equals one from cached features under the same RNG state."""
+    model = VLModel.build(vlm_folders[kind], "vl-pet-large")
+    assert not model.backbone.qformer.training
+    model.train()
+    assert model.training and not model.backbone.qformer.training and model.language_model.training
+    kw, labels = batch(kind)
+    feats = model.frozen_image_features(kw["pixel_values"])
+    assert model.training and not model.backbone.vision_model.training
+    pixels = {k: v for k, v in kw.items() if k != "pixel_values"}
+    torch.manual_seed(3)
+    a = model(**kw, labels=labels).logits
+    torch.manual_seed(3)
+    b = model(**pixels, image_features=feats, labels=labels).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
