@@ -271,6 +271,16 @@ def test_without_the_cache_the_vision_tower_runs_every_step(florence_dir, fx, tm
     assert rc == 0 and len(seen) == 4
     assert all(n_calls == n and pixels for n_calls, n, pixels in seen)
     assert not (tmp_path / "cache").exists()
+    # the same steps on cached features train the same adapter (fp32 round-off: features batched differently)
+    from vlpet.checkpoint import load_tensors
+
+    assert _train(florence_dir, fx, tmp_path / "cached", tmp_path / "cache", "--max-steps", "4", "--no-eval",
+                  "--no-test") == 0
+    a = load_tensors(tmp_path / "run" / "adapter-last" / "adapter_model.safetensors")
+    b = load_tensors(tmp_path / "cached" / "adapter-last" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for v in a.values())
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
 def test_resume_continues_exactly(florence_dir, fx, tmp_path):
