@@ -542,3 +542,15 @@ def test_frozen_vision_part_has_no_dropout_in_training(vlm_folders, kind):
     torch.manual_seed(3)
     b = model(**pixels, image_features=feats, labels=labels).logits
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_hub_ids_are_not_taken_for_folders():
+    """"owner/name" is a Hugging Face id (offline here: a one-line load error), "./a/b" a missing folder."""
+    from vlpet.backbones.loading import load_backbone
+
+    with pytest.raises(ConfigError) as ei:
+        load_backbone("florence-community/Florence-2-base")
+    assert "could not load backbone 'florence-community/Florence-2-base'" in str(ei.value)
+    assert "\n" not in str(ei.value)
+    with pytest.raises(ConfigError, match="folder './no/such' does not exist"):
+        load_backbone("./no/such")
