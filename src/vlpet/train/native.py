@@ -127,11 +127,14 @@ def build_native(trainer) -> None:
 def _fill_cache(trainer, refs, desc: str) -> None:
     from .distributed import barrier
 
-    # rank 0 computes; the others wait and then read the files (one process per image)
-    if trainer.dist.is_main:
-        trainer.native.cache.build(trainer.model, refs, batch_size=32, device=trainer.device,
-                                   progress=trainer.cfg.progress, desc=desc)
-    barrier(trainer.dist)
+    # every rank computes its share of the missing images (one writer per file), then all read all of them
+    dist, cache = trainer.dist, trainer.native.cache
+    # shard the distinct refs, not the missing ones: ranks that list "missing" at different moments would
+    # disagree on the shards and leave images out
+    todo = list(dict.fromkeys(refs))[dist.rank::dist.world_size]
+    cache.build(trainer.model, todo, batch_size=32, device=trainer.device,
+                progress=trainer.cfg.progress and dist.is_main, desc=desc)
+    barrier(dist)
 
 
 def evaluate_native(trainer, model, split: str, desc: str):
