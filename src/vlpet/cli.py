@@ -42,6 +42,12 @@ def _add_common_model(p: argparse.ArgumentParser) -> None:
                    help="preset name (see `vlpet presets`)")
 
 
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-root", default=None, help="VLM runs: the images (default: the run's --image-root)")
+    p.add_argument("--no-image-cache", dest="image_cache", action="store_false", default=None,
+                   help="VLM runs: run the vision tower on every image instead of reading the run's feature cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.tasks import task_names
 
@@ -132,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --output from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run in --output")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--image-root", default=None,
+                   help="raw images for a Florence-2 / BLIP-2 / InstructBLIP backbone, read through its own processor "
+                        "instead of feature files: IMAGES/coco/{train,val}2014/, IMAGES/gqa/images/, "
+                        "IMAGES/nlvr2/images/{train,dev,test1}/ (.jpg or .png)")
+    p.add_argument("--no-image-cache", dest="image_cache", action="store_false", default=None,
+                   help="with --image-root: run the frozen vision tower every step instead of computing its "
+                        "features once per image and reading them from disk (the default when it is frozen)")
+    p.add_argument("--image-cache-dir", default=None,
+                   help="folder of the image feature cache (default $VLPET_CACHE/image-features, "
+                        "~/.cache/vlpet/image-features)")
 
     # evaluate / predict
     p = sub.add_parser("evaluate", help="score a run or adapter folder; prints a Table-2 row")
@@ -150,13 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video: attend to padded frames (default: as the run was trained)")
     p.add_argument("--caption-metrics", type=_tasks, default=None,
                    help="comma-separated caption metrics (default: the run's, else BLEU-4,METEOR,ROUGE-L,CIDEr)")
+    _add_image_options(p)
 
-    p = sub.add_parser("predict", help="write predictions in the official submission format")
+    p = sub.add_parser("predict", help="write predictions in the official submission format, or answer one "
+                                       "question about one image (--image --question)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--task", required=True, choices=task_names())
+    p.add_argument("--image", default=None, help="one image file: print the answer to --question (VLM runs)")
+    p.add_argument("--question", default=None, help="with --image: the question (--task caption: none)")
+    p.add_argument("--data-root", default=None, help="the data to predict (required without --image)")
+    p.add_argument("--task", default=None, choices=task_names(),
+                   help="required without --image; with --image: vqa (default), gqa or caption")
     p.add_argument("--split", default="test")
-    p.add_argument("--output", required=True, help="FILE.json (NLVR2: FILE.csv also accepted; video: VALUE's .json "
+    p.add_argument("--output", default=None, help="(required without --image) FILE.json (NLVR2: FILE.csv also accepted; video: VALUE's .json "
                                                     "/ .jsonl format, and a folder gets VALUE's file name)")
     p.add_argument("--unmasked-frames", action="store_true", default=None,
                    help="video: attend to padded frames (default: as the run was trained)")
@@ -166,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-dirname", default=None)
     p.add_argument("--limit", type=_positive_int, default=None)
     p.add_argument("--device", default=None)
+    _add_image_options(p)
 
     # features
     p = sub.add_parser("features", help="grid features of images -> one HDF5 file per image")
@@ -300,16 +322,31 @@ def cmd_evaluate(a) -> int:
     evaluate_checkpoint(a.checkpoint, a.data_root, split=a.split, tasks=a.tasks, backbone=a.backbone,
                         batch_size=a.batch_size, precision=a.precision, feature_dirname=a.feature_dirname,
                         limit=a.limit, device=a.device, output=a.output, unmasked_frames=a.unmasked_frames,
-                        caption_metrics=a.caption_metrics)
+                        caption_metrics=a.caption_metrics, image_root=a.image_root, image_cache=a.image_cache)
     return 0
 
 
 def cmd_predict(a) -> int:
+    from .errors import ConfigError
     from .train.runs import predict_checkpoint
+
+    if a.image is not None:
+        from .train.native import answer
+
+        if a.data_root or a.output:
+            raise ConfigError("--image answers one question and prints it; --data-root / --output are for "
+                              "predicting a whole split")
+        print(answer(a.checkpoint, a.image, a.question or "", task=a.task or "vqa", backbone=a.backbone,
+                     device=a.device, precision=a.precision))
+        return 0
+    missing = [o for o, v in (("--data-root", a.data_root), ("--task", a.task), ("--output", a.output)) if not v]
+    if missing:
+        raise ConfigError(f"predict: {', '.join(missing)} required (or --image IMAGE --question TEXT for one answer)")
 
     predict_checkpoint(a.checkpoint, a.data_root, a.task, a.output, split=a.split, backbone=a.backbone,
                        batch_size=a.batch_size, precision=a.precision, feature_dirname=a.feature_dirname,
-                       limit=a.limit, device=a.device, unmasked_frames=a.unmasked_frames)
+                       limit=a.limit, device=a.device, unmasked_frames=a.unmasked_frames, image_root=a.image_root,
+                       image_cache=a.image_cache)
     return 0
 
 

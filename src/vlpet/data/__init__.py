@@ -34,6 +34,9 @@ from .features import (
     write_npz_video,
 )
 from .fixtures import ImageTextFixture, make_image_text_fixture
+from .image_cache import ImageFeatureCache, default_cache_dir
+from .image_fixtures import ImageFixture, make_image_fixture
+from .images import ImageRef, ImageRoot, NativeCollator, NativeDataset, build_image_dataset, open_image, vlm_prompt
 from .layout import DEFAULT_FEATURE_DIRNAME, VLAdapterLayout, resolve_data_root
 from .records import (
     CocoImage,
@@ -86,6 +89,8 @@ __all__ = [
     "DataError",
     "GRID_TOKENS", "FeatureDir", "read_h5_features", "read_npz_video", "write_h5_features", "write_npz_video",
     "ImageTextFixture", "make_image_text_fixture",
+    "ImageFeatureCache", "default_cache_dir", "ImageFixture", "make_image_fixture",
+    "ImageRef", "ImageRoot", "NativeCollator", "NativeDataset", "build_image_dataset", "open_image", "vlm_prompt",
     "DEFAULT_FEATURE_DIRNAME", "VLAdapterLayout", "resolve_data_root",
     "CocoImage", "GQARecord", "NLVR2Record", "VQAAnnotation", "VQARecord", "load_json", "nlvr_consistency_key",
     "read_ans2label", "read_coco_karpathy", "read_gqa", "read_label2ans", "read_nlvr2", "read_vqa",

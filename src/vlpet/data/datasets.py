@@ -176,6 +176,8 @@ def build_dataset(
     limit: int | None = None,
     check_features: bool = False,
     mask_padded_frames: bool = True,
+    image_root: str | os.PathLike | None = None,
+    model_type: str | None = None,
 ) -> ImageTextDataset:
     """Build the dataset of one task and split (see the module docstring for split semantics).
 
@@ -186,8 +188,17 @@ def build_dataset(
 
     Video tasks (tvqa, how2qa, tvc, yc2c) are built by :func:`vlpet.data.video.build_video_dataset`
     (VALUE layout under ``data_root/video``); ``mask_padded_frames`` applies to them only.
+
+    ``image_root`` reads raw images instead of feature files, for a VLM of ``model_type`` (florence2,
+    blip-2, instructblip): :func:`vlpet.data.images.build_image_dataset` (``check_features`` then
+    checks the image files).
     """
     task = canonical_task(task)
+    if image_root is not None:
+        from .images import build_image_dataset
+
+        return build_image_dataset(task, split, data_root, image_root, tokenizer, model_type, mode=mode, spec=spec,
+                                   seed=seed, limit=limit, check_images=check_features, layout=layout)
     from .tasks import VIDEO_TASKS
 
     if task in VIDEO_TASKS:

@@ -47,6 +47,8 @@ class ImageTextFixture:
     concepts: dict[tuple[str, str], str] = field(default_factory=dict)
     #: file split -> number of records, per task ("vqa", "gqa", "nlvr", "caption")
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: False: annotation files only (the raw-image fixture writes PNG files instead of features)
+    write_features: bool = True
 
 
 def vqa_soft_score(n_matches: int) -> float:
@@ -87,12 +89,14 @@ def make_image_text_fixture(
     *,
     feature_dirname: str = DEFAULT_FEATURE_DIRNAME,
     include_empty_label: bool = True,
+    write_features: bool = True,
 ) -> ImageTextFixture:
     """Write a tiny VL-Adapter layout under ``root`` (created if needed) and return its summary.
 
     Per split, ``n_per_split`` VQA questions (karpathy_train/val/test), GQA questions
     (train/valid/testdev), NLVR2 statements (train/valid/test; identifiers pair up into
     consistency groups of 2) and COCO images (train/restval/val/test, 5 references each).
+    ``write_features=False`` writes the annotation files only (the same ones, for the same seed).
     With ``include_empty_label`` the first karpathy_train question has only out-of-vocabulary
     answers, hence an empty soft label (exercises the empty-target / zero-weight path).
     """
@@ -102,7 +106,8 @@ def make_image_text_fixture(
         raise ValueError(f"feat_dim must be >= {len(COLORS)}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    fx = ImageTextFixture(root, VLAdapterLayout(root, feature_dirname=feature_dirname), feat_dim, n_per_split, seed)
+    fx = ImageTextFixture(root, VLAdapterLayout(root, feature_dirname=feature_dirname), feat_dim, n_per_split, seed,
+                          write_features=write_features)
     # One generator through the tasks in this order: the files stay those of the single-function version.
     rng = np.random.default_rng(seed)
     coco_images = _write_coco(fx, rng)
@@ -114,8 +119,9 @@ def make_image_text_fixture(
 
 def _image(fx: ImageTextFixture, rng: np.random.Generator, source: str, img_id: str, concept: int, words) -> None:
     """The feature file of one image, whose hidden concept is ``words[concept]``."""
-    write_h5_features(fx.layout.feature_path(source, img_id), img_id,
-                      concept_features(concept, len(words), fx.feat_dim, rng))
+    feats = concept_features(concept, len(words), fx.feat_dim, rng)  # drawn either way: same annotations
+    if fx.write_features:
+        write_h5_features(fx.layout.feature_path(source, img_id), img_id, feats)
     fx.concepts[(source, img_id)] = words[concept]
 
 

@@ -54,7 +54,7 @@ def predict_task(model, loader: TaskBatchLoader, spec: TaskSpec, tokenizer, devi
                              "answers": {}, "img_ids": {}}
     cls_ids = class_token_ids(spec, tokenizer) if spec.classes else None
     if cls_ids is not None:
-        start = model.backbone.generation_config.decoder_start_token_id
+        start = decoder_start_token_id(model)
         prefix = [start] + classification_prefix(tokenizer, spec.classes[0])
     bar = tqdm(range(len(loader)), desc=desc or f"eval {spec.name}", disable=not progress, leave=False)
     for i in bar:
@@ -63,7 +63,9 @@ def predict_task(model, loader: TaskBatchLoader, spec: TaskSpec, tokenizer, devi
         b = to_device(batch, device)
         vmask = b.get("vis_attention_mask")  # video: padded frames
         with autocast(device, precision):
-            if cls_ids is not None:
+            if batch.get("native"):  # a VLM read through its own inputs (vlpet.data.images)
+                _predict_native(model, b, qids, spec, tokenizer, cls_ids, prefix if cls_ids else None, preds, gold)
+            elif cls_ids is not None:
                 dec = torch.tensor([prefix] * len(qids), device=device)
                 out = model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"], decoder_input_ids=dec,
                             vis_attention_mask=vmask, task=spec.name)
@@ -91,6 +93,33 @@ def predict_task(model, loader: TaskBatchLoader, spec: TaskSpec, tokenizer, devi
                     key = "refs" if task_entry(spec.name).kind == "caption" else "answers"
                     gold[key][q] = list(batch["targets"][k]) if key == "refs" else batch["targets"][k][0]
     return {"predictions": preds, "gold": gold}
+
+
+def decoder_start_token_id(model) -> int:
+    """The token a decoder starts from: the generation config's, else the (language model's) config's."""
+    backbone = getattr(model, "backbone", model)
+    for cfg in (getattr(backbone, "generation_config", None), getattr(backbone, "config", None),
+                getattr(getattr(backbone, "config", None), "text_config", None)):
+        value = getattr(cfg, "decoder_start_token_id", None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(backbone).__name__}: no decoder_start_token_id in its generation config or config")
+
+
+def _predict_native(model, b, qids, spec, tokenizer, cls_ids, prefix, preds, gold) -> None:
+    from ..data.images import native_inputs
+
+    inputs = native_inputs(b)
+    if cls_ids is not None:
+        dec = torch.tensor([prefix] * len(qids), device=b["input_ids"].device)
+        logits = model(**inputs, decoder_input_ids=dec).logits[:, -1, cls_ids].float()
+        for q, row in zip(qids, logits.tolist()):
+            preds[q] = int(row[1] > row[0])  # true iff logit[true] > logit[false]
+            gold["logits"][q] = row
+        return
+    ids = model.generate(**inputs, **spec.decode_kwargs())
+    for q, t in zip(qids, tokenizer.batch_decode(ids, skip_special_tokens=True)):
+        preds[q] = t.strip()
 
 
 def score_task(task: str, result: dict[str, Any], vqa_annotations=None,
@@ -166,8 +195,13 @@ def table_row(label: str, params_percent: float | None, task_scores: dict[str, d
 def evaluate_model(model, tokenizer, data_root, tasks, split: str, specs: dict, *, feat_dim: int,
                    feature_dirname: str, batch_sizes: dict, device, precision: str = "fp32",
                    limit: int | None = None, caption_metrics=("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"),
-                   progress: bool = True, desc: str = "", skip_missing: bool = False, mask_padded_frames: bool = True):
-    """Scores and predictions of every task on one split: ({task: scores}, {task: predictions})."""
+                   progress: bool = True, desc: str = "", skip_missing: bool = False, mask_padded_frames: bool = True,
+                   image_root=None, model_type: str | None = None, collate_fn=None, prepare=None):
+    """Scores and predictions of every task on one split: ({task: scores}, {task: predictions}).
+
+    VLMs on raw images: ``image_root`` and ``model_type`` select the image datasets, ``collate_fn`` is the
+    :class:`~vlpet.data.images.NativeCollator` and ``prepare(dataset)`` runs before a task is predicted
+    (it fills the image feature cache)."""
     from ..data import DataError, build_dataset
 
     ann = load_vqa_annotations_for(data_root) if "vqa" in tasks else None
@@ -175,13 +209,19 @@ def evaluate_model(model, tokenizer, data_root, tasks, split: str, specs: dict, 
     for t in tasks:
         try:
             ds = build_dataset(t, split, data_root, tokenizer, spec=specs[t], feat_dim=feat_dim,
-                               feature_dirname=feature_dirname, limit=limit, mask_padded_frames=mask_padded_frames)
+                               feature_dirname=feature_dirname, limit=limit, mask_padded_frames=mask_padded_frames,
+                               image_root=image_root, model_type=model_type)
         except DataError as exc:
             if not skip_missing or os.path.isfile(exc.path):  # skip a missing split, never a broken file
                 raise
             print(f"vlpet: skipping {t} {split}: {exc}")
             continue
-        loader = TaskBatchLoader(ds, batch_sizes[t], shuffle=False, pad_id=tokenizer.pad_token_id, task=t)
+        if image_root is not None:
+            ds.check_images()  # outside the try: a missing image is an error, never a skipped task
+        if prepare is not None:
+            prepare(ds)
+        loader = TaskBatchLoader(ds, batch_sizes[t], shuffle=False, pad_id=tokenizer.pad_token_id, task=t,
+                                 collate_fn=collate_fn)
         result = predict_task(model, loader, specs[t], tokenizer, device, precision, progress=progress,
                               desc=f"{desc}{t} {split}")
         task_scores = score_task(t, result, ann, caption_metrics)
@@ -207,8 +247,13 @@ def collect_gates(model, batches: dict[str, dict], device, precision: str = "fp3
         for task, batch in batches.items():
             b = to_device(batch, device)
             with autocast(device, precision):
-                model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"], labels=b["target_ids"], task=task,
-                      vis_attention_mask=b.get("vis_attention_mask"))
+                if batch.get("native"):
+                    from ..data.images import native_inputs
+
+                    model(**native_inputs(b), labels=b["target_ids"])
+                else:
+                    model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"], labels=b["target_ids"],
+                          task=task, vis_attention_mask=b.get("vis_attention_mask"))
             for k, g in model.gate_values().items():
                 acc.setdefault(k, []).append(g.float().mean().cpu())
     finally:

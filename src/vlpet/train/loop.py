@@ -47,7 +47,8 @@ from .optim import LR_SCHEDULES, build_optimizer, build_scheduler
 STATE_NAME = "trainer_state.pt"
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings that may differ between an interrupted run and its resumption (a moved run folder resumes too).
-RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "num_workers", "eval_test", "debug", "output"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "num_workers", "eval_test", "debug", "output",
+                     "image_cache", "image_cache_dir"}  # the cache changes where features come from, not what they are
 
 
 @dataclass
@@ -91,6 +92,9 @@ class TrainConfig:
     sdpa: str = "efficient-first"  # attention kernel order (vlpet.backbones.attention); "default": PyTorch's
     frozen_dtype: str = "auto"  # auto: the frozen backbone is stored in bf16 when precision is bf16 (frozen_precision)
     method_overrides: dict = field(default_factory=dict)
+    image_root: str | None = None  # raw images for a VLM (Florence-2, BLIP-2, InstructBLIP): vlpet.data.images
+    image_cache: bool = True  # VLM: frozen image features computed once per image, read from disk after that
+    image_cache_dir: str | None = None  # default $VLPET_CACHE/image-features (~/.cache/vlpet/image-features)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -236,6 +240,10 @@ class Trainer:
         from ..data.layout import VLAdapterLayout, resolve_data_root
 
         VLAdapterLayout(resolve_data_root(cfg.data_root))  # an existing data root, before the backbone is loaded
+        if cfg.image_root is not None:  # a VLM fed raw images through its own processor (vlpet.data.images)
+            from .native import build_native
+
+            return build_native(self)
         self.video = task_modality(self.tasks) == "video"
         self.mask_padded_frames = cfg.mask_padded_frames is not False
         self.tokenizer = load_tokenizer(cfg.backbone, required=True)
@@ -285,8 +293,16 @@ class Trainer:
                              tokenizer=self.tokenizer, seed=cfg.seed).to(self.device)
         apply_frozen_dtype(self.model, cfg.frozen_dtype, cfg.precision)
         self.feat_dim = feat_dim
+        self._build_training(sizes, per_process, train_sets)
+
+    def _build_training(self, sizes: dict, per_process: dict, train_sets: dict, collate_fn=None) -> None:
+        """Loaders, optimizer, schedule, DDP / compile wrappers: the same for feature files and raw images."""
+        from ..data import TaskBatchLoader
+        from ..data.sampler import MultitaskLoader
+
+        cfg = self.cfg
         pad = self.tokenizer.pad_token_id
-        self.loaders = {t: TaskBatchLoader(ds, sizes[t], seed=cfg.seed, pad_id=pad, task=t)
+        self.loaders = {t: TaskBatchLoader(ds, sizes[t], seed=cfg.seed, pad_id=pad, task=t, collate_fn=collate_fn)
                         for t, ds in train_sets.items()}
         self.train_loader = MultitaskLoader(self.loaders, seed=cfg.seed, world_size=self.dist.world_size,
                                             rank=self.dist.rank, num_workers=cfg.num_workers,
@@ -518,9 +534,14 @@ class Trainer:
         if cfg.compile and cfg.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
         with preferred_attention(cfg.sdpa), autocast(self.device, cfg.precision):
-            out = self.forward_model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"],
-                                     vis_attention_mask=b.get("vis_attention_mask"), labels=b["target_ids"],
-                                     task=batch["task"], return_loss=False)
+            if batch.get("native"):  # the VLM's own inputs (input_ids, pixel_values or image_features, ...)
+                from ..data.images import native_inputs
+
+                out = self.forward_model(**native_inputs(b), labels=b["target_ids"], return_loss=False)
+            else:
+                out = self.forward_model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"],
+                                         vis_attention_mask=b.get("vis_attention_mask"), labels=b["target_ids"],
+                                         task=batch["task"], return_loss=False)
             total, count = self.loss_terms(out.logits, b["target_ids"], spec.loss_reduction,
                                            b["scores"] if spec.weight_by_score else None, weight)
         # One all-reduce per step: the loss sum, its count (samples, or target tokens for captions) and the
@@ -564,6 +585,10 @@ class Trainer:
 
     def _evaluate(self, model, split: str, desc: str):
         cfg = self.cfg
+        if getattr(self, "native", None) is not None:
+            from .native import evaluate_native
+
+            return evaluate_native(self, model, split, desc)
         return evaluate_model(model, self.tokenizer, cfg.data_root, self.tasks, split, self.specs,
                                        feat_dim=self.feat_dim, feature_dirname=cfg.feature_dirname,
                                        batch_sizes=self.eval_batch, device=self.device, precision=cfg.precision,

@@ -71,9 +71,41 @@ def _device(device):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _native_kwargs(model, run: dict, image_root, image_cache: bool | None, dev, progress: bool) -> dict:
+    """evaluate_model's raw-image arguments for a VLM (--image-root, else the run's), with the run's feature cache."""
+    if not getattr(model, "native_inputs", False):
+        if image_root:
+            raise ConfigError("--image-root: this adapter tunes a backbone that reads precomputed features "
+                              "(VL-BART / VL-T5); drop --image-root")
+        return {}
+    from ..data.image_cache import ImageFeatureCache, default_cache_dir
+    from ..data.images import ImageRoot, NativeCollator
+    from .native import image_path_frozen, vlm_model_type
+
+    image_root = image_root or run.get("image_root")
+    if not image_root:
+        raise ConfigError("--image-root: required for a VLM adapter (Florence-2 / BLIP-2 / InstructBLIP read images)")
+    if model.processor is None:
+        raise ConfigError("the VLM has no processor here; pass --backbone with a folder or hub id that holds one")
+    use_cache = run.get("image_cache", True) if image_cache is None else image_cache
+    cache = None
+    if use_cache and image_path_frozen(model):
+        cache_dir = run.get("image_cache_dir") or default_cache_dir()
+        cache = ImageFeatureCache(cache_dir, model.image_features_key(), model.processor)
+
+    def prepare(ds):
+        if cache is not None:
+            cache.build(model, ds.image_refs(), batch_size=32, device=dev, progress=progress,
+                        desc=f"cache {ds.task} images")
+
+    return {"image_root": ImageRoot(image_root), "model_type": vlm_model_type(model),
+            "collate_fn": NativeCollator(model.processor, cache), "prepare": prepare}
+
+
 def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbone=None, batch_size=100,
                         precision="fp32", feature_dirname=None, limit=None, device=None, output=None,
-                        progress=True, unmasked_frames=None, caption_metrics=None) -> dict:
+                        progress=True, unmasked_frames=None, caption_metrics=None, image_root=None,
+                        image_cache=None) -> dict:
     from ..data.tasks import canonical_task
 
     if not Path(data_root).is_dir():
@@ -92,9 +124,11 @@ def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbon
         model = _load(folder, backbone, dev)
         apply_frozen_dtype(model, "auto", precision)  # bf16 evaluation stores it as bf16 training does
         t, n = model.parameter_counts()
+        native = _native_kwargs(model, run, image_root, image_cache, dev, progress)
         with preferred_attention():
             scores, _ = evaluate_model(model, model.tokenizer, data_root, tasks, split, _specs(tasks, model, run),
-                                       feat_dim=model.visual_config.feat_dim, feature_dirname=feature_dirname,
+                                       feat_dim=None if native else model.visual_config.feat_dim,
+                                       feature_dirname=feature_dirname, **native,
                                        batch_sizes={k: batch_size for k in tasks}, device=dev, precision=precision,
                                        limit=limit, caption_metrics=tuple(caption_metrics or run.get("caption_metrics",
                                                                      ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"))),
@@ -131,7 +165,7 @@ def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbon
 
 def predict_checkpoint(checkpoint, data_root, task, output, split="test", backbone=None, batch_size=100,
                        precision="fp32", feature_dirname=None, limit=None, device=None, progress=True,
-                       unmasked_frames=None) -> Path:
+                       unmasked_frames=None, image_root=None, image_cache=None) -> Path:
     from ..data import TaskBatchLoader, build_dataset
     from ..data.tasks import canonical_task
 
@@ -142,10 +176,17 @@ def predict_checkpoint(checkpoint, data_root, task, output, split="test", backbo
     model = _load(folder, backbone or run.get("backbone"), dev)
     apply_frozen_dtype(model, "auto", precision)
     spec = _specs((task,), model, run)[task]
-    ds = build_dataset(task, split, data_root, model.tokenizer, spec=spec, feat_dim=model.visual_config.feat_dim,
+    native = _native_kwargs(model, run, image_root, image_cache, dev, progress)
+    ds = build_dataset(task, split, data_root, model.tokenizer, spec=spec,
+                       feat_dim=None if native else model.visual_config.feat_dim,
                        feature_dirname=feature_dirname or run.get("feature_dirname", "data_clip_RN101_att"),
-                       limit=limit, mask_padded_frames=_mask_frames(run, unmasked_frames))
-    loader = TaskBatchLoader(ds, batch_size, shuffle=False, pad_id=model.tokenizer.pad_token_id, task=task)
+                       limit=limit, mask_padded_frames=_mask_frames(run, unmasked_frames),
+                       image_root=native.get("image_root"), model_type=native.get("model_type"),
+                       check_features=bool(native))
+    if native:
+        native["prepare"](ds)
+    loader = TaskBatchLoader(ds, batch_size, shuffle=False, pad_id=model.tokenizer.pad_token_id, task=task,
+                             collate_fn=native.get("collate_fn"))
     with preferred_attention():
         result = predict_task(model, loader, spec, model.tokenizer, dev, precision, progress=progress)
     preds = result["predictions"]

@@ -1,0 +1,194 @@
+"""`vlpet train --image-root`: the multitask recipe on a VLM that reads raw images (Florence-2, BLIP-2,
+InstructBLIP with a T5 language model), through the VLM's own processor.
+
+Everything but the inputs is the trainer of :mod:`vlpet.train.loop`: the same task sampling, batch
+sizes, optimizer, schedule, checkpoints, resume, validation, test and error handling. The frozen
+image features are cached on disk (:mod:`vlpet.data.image_cache`) when the part of the image path
+before the first trainable module is frozen; ``--no-image-cache`` runs the vision tower every step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError
+
+#: modules that ``frozen_image_features`` runs, by their parameter-name parts (Florence-2, BLIP-2, InstructBLIP)
+FROZEN_IMAGE_PARTS = {"florence2": ("vision_tower",), "blip-2": ("vision_model", "qformer", "query_tokens"),
+                      "instructblip": ("vision_model",)}
+
+
+def vlm_model_type(model) -> str:
+    backbone = getattr(model, "backbone", model)
+    return str(getattr(model, "model_type", None) or backbone.config.model_type)
+
+
+def image_path_frozen(model) -> bool:
+    """True when no trainable tensor lies in the part of the image path that ``frozen_image_features``
+    runs (the model says so itself if it has ``image_path_frozen()``)."""
+    if hasattr(model, "image_path_frozen"):
+        return bool(model.image_path_frozen())
+    arch_parts = getattr(getattr(model, "arch", None), "vision_parts", None)
+    if arch_parts:  # the architecture table's frozen vision parts, e.g. "model.vision_tower"
+        backbone = getattr(model, "backbone", model)
+        return not any(p.requires_grad for part in arch_parts
+                       for name, p in backbone.named_parameters() if name == part or name.startswith(part + "."))
+    parts = FROZEN_IMAGE_PARTS.get(vlm_model_type(model), ())
+    if not parts:
+        return False
+    return not any(p.requires_grad and any(part in name.split(".") for part in parts)
+                   for name, p in model.named_parameters())
+
+
+def load_vlm(backbone: str, method, seed: int, overrides: dict | None = None):
+    """`VLModel.build` of a VLM with its processor; ConfigError when the backbone reads features or has no processor."""
+    from ..model import VLModel
+
+    model = VLModel.build(backbone, method, seed=seed)
+    if overrides:
+        from ..method import MethodConfig
+
+        method = MethodConfig.from_dict({**model.method.to_dict(), **overrides}, "--method-overrides")
+        model = VLModel.build(backbone, method, seed=seed)
+    if not getattr(model, "native_inputs", False):
+        raise ConfigError(f"--image-root: backbone {backbone!r} reads precomputed image features (VL-BART / VL-T5); "
+                          f"raw images need a Florence-2, BLIP-2 or InstructBLIP backbone (or drop --image-root)")
+    if getattr(model, "processor", None) is None:
+        raise ConfigError(f"--backbone {backbone}: no Hugging Face processor could be loaded (a built-in random-weight "
+                          f"name has none); use a hub id or a folder that holds the processor files "
+                          f"(processor.save_pretrained)")
+    return model
+
+
+def build_native(trainer) -> None:
+    """Trainer._build for raw images: the VLM, its processor, image datasets, the feature cache."""
+    import dataclasses
+
+    from ..data import build_dataset, task_batch_sizes
+    from ..data.image_cache import ImageFeatureCache, default_cache_dir
+    from ..data.images import ImageRoot, NativeCollator
+    from ..data.tasks import get_task_spec
+    from ..frozen_precision import apply_frozen_dtype
+    from ..presets import train_defaults
+    from .loop import IMAGE_TASKS, seed_everything
+
+    cfg = trainer.cfg
+    bad = [t for t in trainer.tasks if t not in IMAGE_TASKS]
+    if bad:
+        raise ConfigError(f"--image-root: tasks {','.join(bad)} are not image-text tasks (expected a subset of "
+                          f"{','.join(IMAGE_TASKS)})")
+    image_root = ImageRoot(cfg.image_root)  # an existing folder, before the backbone is loaded
+    if cfg.feat_dim is not None:
+        raise ConfigError("--feat-dim applies to feature files; with --image-root the VLM's own vision tower "
+                          "sets the image features")
+    trainer.video = False
+    trainer.mask_padded_frames = True
+    seed_everything(cfg.seed)
+    model = load_vlm(cfg.backbone, cfg.method, cfg.seed, cfg.method_overrides)
+    model_type = vlm_model_type(model)
+    processor = model.processor
+    trainer.tokenizer = processor.tokenizer
+    if getattr(trainer.tokenizer, "pad_token_id", None) is None:
+        raise ConfigError(f"--backbone {cfg.backbone}: its tokenizer has no pad token")
+    family = getattr(getattr(model, "arch", None), "family", "t5" if model_type != "florence2" else "bart")
+    defaults = train_defaults(cfg.method, family)
+    trainer.epochs = cfg.epochs or defaults.epochs
+    trainer.lr = cfg.lr or defaults.lr
+    world = trainer.dist.world_size
+    vqa_bs = cfg.batch_size or max(1, defaults.batch_size // world)
+    sizes, per_process = task_batch_sizes(vqa_bs * world), task_batch_sizes(vqa_bs)
+    trainer.specs = {t: get_task_spec(t, caption_no_repeat_ngram_size=cfg.caption_no_repeat_ngram_size)
+                     for t in trainer.tasks}
+    train_sets = {t: build_dataset(t, "train", cfg.data_root, trainer.tokenizer, spec=trainer.specs[t], seed=cfg.seed,
+                                   limit=cfg.limit_train, image_root=image_root, model_type=model_type,
+                                   check_features=True)  # every image exists, before anything is written
+                  for t in trainer.tasks}
+    for ds in train_sets.values():  # the first image of every task opens, before anything is written
+        from ..data.images import open_image
+
+        open_image(ds._example_ref(0))
+    trainer.model = model.to(trainer.device)
+    apply_frozen_dtype(trainer.model, cfg.frozen_dtype, cfg.precision)
+    trainer.feat_dim = None
+    cache = None
+    if cfg.image_cache and image_path_frozen(trainer.model):
+        cache = ImageFeatureCache(Path(cfg.image_cache_dir) if cfg.image_cache_dir else default_cache_dir(),
+                                  trainer.model.image_features_key(), processor)
+    elif cfg.image_cache and trainer.dist.is_main:
+        print("vlpet: image feature cache off: the method trains part of the vision path, so its features change")
+    trainer.native = dataclasses.make_dataclass("Native", ["image_root", "model_type", "cache", "collate"])(
+        image_root, model_type, cache, NativeCollator(processor, cache))
+    if cache is not None:
+        refs = [r for ds in train_sets.values() for r in ds.image_refs()]
+        _fill_cache(trainer, refs, "cache train images")
+    trainer._build_training(sizes, per_process, train_sets, collate_fn=trainer.native.collate)
+
+
+def _fill_cache(trainer, refs, desc: str) -> None:
+    from .distributed import barrier
+
+    # every rank computes its share of the missing images (one writer per file), then all read all of them
+    dist, cache = trainer.dist, trainer.native.cache
+    # shard the distinct refs, not the missing ones: ranks that list "missing" at different moments would
+    # disagree on the shards and leave images out
+    todo = list(dict.fromkeys(refs))[dist.rank::dist.world_size]
+    cache.build(trainer.model, todo, batch_size=32, device=trainer.device,
+                progress=trainer.cfg.progress and dist.is_main, desc=desc)
+    barrier(dist)
+
+
+def evaluate_native(trainer, model, split: str, desc: str):
+    from .evaluate import evaluate_model
+
+    cfg = trainer.cfg
+    native = trainer.native
+    prepare = None
+    if native.cache is not None:
+        def prepare(ds):
+            if trainer.dist.is_main:
+                native.cache.build(model, ds.image_refs(), batch_size=32, device=trainer.device,
+                                   progress=cfg.progress, desc=f"cache {ds.task} {split} images")
+
+    return evaluate_model(model, trainer.tokenizer, cfg.data_root, trainer.tasks, split, trainer.specs,
+                          feat_dim=None, feature_dirname=cfg.feature_dirname, batch_sizes=trainer.eval_batch,
+                          device=trainer.device, precision=cfg.precision, limit=cfg.limit_eval,
+                          caption_metrics=cfg.caption_metrics, progress=cfg.progress, desc=desc, skip_missing=True,
+                          image_root=native.image_root, model_type=native.model_type, collate_fn=native.collate,
+                          prepare=prepare)
+
+
+def answer(checkpoint, image, question: str = "", task: str = "vqa", backbone: str | None = None,
+           device=None, precision: str = "fp32") -> str:
+    """One image + one question -> the tuned VLM's answer (``vlpet predict --image --question``).
+    ``task="caption"`` captions the image (no question)."""
+    import torch
+
+    from ..data.images import ImageRef, open_image, native_inputs, vlm_prompt
+    from ..data.tasks import canonical_task, get_task_spec
+    from .evaluate import autocast
+    from .runs import _device, _load, _resolve
+
+    task = canonical_task(task)
+    if task not in ("vqa", "gqa", "caption"):
+        raise ConfigError(f"--task {task}: one image answers vqa, gqa or caption (NLVR2 needs two images)")
+    if task != "caption" and not question.strip():
+        raise ConfigError("--question: expected a non-empty question (or --task caption)")
+    img = open_image(ImageRef((str(image),)))  # a one-line DataError for a missing / unreadable file, first
+    run, folders = _resolve(checkpoint)
+    folder = folders[0][1]
+    dev = _device(device)
+    model = _load(folder, backbone or run.get("backbone"), dev)
+    if not getattr(model, "native_inputs", False):
+        raise ConfigError(f"--image: {folder} tunes a backbone that reads precomputed features (VL-BART / VL-T5); "
+                          f"use --data-root with feature files, or a Florence-2 / BLIP-2 / InstructBLIP run")
+    processor = model.processor
+    if processor is None:
+        raise ConfigError(f"{folder}: no processor for backbone {backbone or run.get('backbone')!r}; pass --backbone "
+                          f"with a folder or hub id that holds the processor files")
+    text = vlm_prompt(vlm_model_type(model), task, question.strip())
+    enc = processor(images=[img], text=[text], return_tensors="pt")
+    inputs = {k: v.to(dev) for k, v in native_inputs(dict(enc)).items()}
+    spec = get_task_spec(task, caption_no_repeat_ngram_size=run.get("caption_no_repeat_ngram_size", 0))
+    with torch.no_grad(), autocast(dev, precision):
+        ids = model.generate(**inputs, **spec.decode_kwargs())
+    return processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()

