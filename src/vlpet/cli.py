@@ -42,6 +42,8 @@ def _add_common_model(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.tasks import task_names
+
     ap = argparse.ArgumentParser(prog="vlpet", description="VL-PET: vision-and-language parameter-efficient tuning "
                                  "via granularity control (ICCV 2023), on unmodified Hugging Face encoder-decoders.")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="write predictions in the official submission format")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-root", required=True)
-    p.add_argument("--task", required=True, choices=("vqa", "gqa", "nlvr", "caption", "tvqa", "how2qa", "tvc", "yc2c"))
+    p.add_argument("--task", required=True, choices=task_names())
     p.add_argument("--split", default="test")
     p.add_argument("--output", required=True, help="FILE.json (NLVR2: FILE.csv also accepted; video: VALUE's .json "
                                                     "/ .jsonl format, and a folder gets VALUE's file name)")

@@ -6,6 +6,10 @@ Shapes (B batch, N sequence, D hidden):
     middleY G = 1 + z          (paper form: 1 + σ(z))              [D]  (1 × D)
     small   G = mean_N σ(w · [X ; Y] + b)  (unmasked by default)   [B, 1, 1]
 with X the sub-layer input as the gate sees it (spec §1.5) and Y = H + ΔH.
+
+Each granularity is one `Gate` subclass in the `GATES` registry (`@register_gate`): a new one (e.g. a
+causal G_small for decoder-only models) is one new class; placement, zero-init, saved configs and the
+official names read it from there.
 """
 
 from __future__ import annotations
@@ -18,12 +22,39 @@ from torch import nn
 
 from .errors import ConfigError
 
-GATE_KINDS = ("none", "small", "middlex", "middley", "large")
-
-
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     # HF's "gelu_new" is the tanh approximation.
     return F.gelu(x, approximate="tanh")
+
+
+# -- the registry: one class per granularity -------------------------------------------------------
+
+GATES: dict[str, type["Gate"]] = {}
+
+
+def register_gate(cls: type["Gate"]) -> type["Gate"]:
+    """Class decorator: make `cls` the granularity named `cls.kind` (for GateOptions, placement,
+    zero-init, saved method configs and, through `cls.official`, official import/export)."""
+    if not cls.kind or cls.kind in GATES:
+        raise ConfigError(f"granularity {cls.kind!r} is empty or registered twice ({cls.__name__})")
+    GATES[cls.kind] = cls
+    return cls
+
+
+def gate_kinds() -> tuple[str, ...]:
+    """Every registered granularity, "none" first."""
+    return tuple(GATES)
+
+
+def paper_granularities() -> tuple[str, ...]:
+    """The granularities of the paper's tables (the vl-pet-<g> and *-g-<g>-lw presets)."""
+    return tuple(k for k, cls in GATES.items() if cls.paper)
+
+
+def gate_class(kind: str) -> type["Gate"]:
+    if kind not in GATES:
+        raise ConfigError(f"granularity {kind!r} is unknown; allowed: {', '.join(GATES)}")
+    return GATES[kind]
 
 
 @dataclass(frozen=True)
@@ -34,49 +65,144 @@ class GateOptions:
     middley_sigmoid: bool = False  # middleY: the paper figure's 1 + σ(z) instead of 1 + z
 
     def __post_init__(self):
-        if self.kind not in GATE_KINDS:
-            raise ConfigError(f"granularity {self.kind!r} is unknown; allowed: {', '.join(GATE_KINDS)}")
+        gate_class(self.kind)
+
+
+def make_gate(d_model: int, opts: GateOptions) -> "Gate | None":
+    """The gate module for `opts.kind`; None for a granularity that places no module (G ≡ 1)."""
+    return gate_class(opts.kind).build(d_model, opts)
 
 
 class Gate(nn.Module):
-    """Produces G from (X, Y). Parameters live in sub-modules named so that their state-dict keys
-    say what they are (`gate.down`, `gate.up`, `gate.proj`, `gate.z`)."""
+    """Produces G from (X, Y): `gate(x, y, mask) -> G`, broadcastable against Y [B, N, D].
+
+    A subclass is one granularity: `kind` (its name in GateOptions and saved configs), its parameters
+    (built in `__init__`, initialised there unless the backbone's Linear rule applies, spec §1.4),
+    `forward`, `zero_init` (the official 'gate' zero-init flag) and `official`: our parameter name ->
+    the official name after `encoder_{attn,ff}_adapter_gating_` ({} where the official code has none).
+    Parameters live in sub-modules named so that their state-dict keys say what they are
+    (`gate.down`, `gate.up`, `gate.proj`, `gate.z`)."""
+
+    kind: str = ""
+    paper: bool = False  # one of the paper's four granularities (gets the paper's presets)
+    official: dict[str, str] = {}
 
     def __init__(self, d_model: int, opts: GateOptions):
         super().__init__()
-        self.kind = opts.kind
         self.opts = opts
-        if self.kind == "large":
-            self.down = nn.Linear(d_model, opts.r_g)
-            self.up = nn.Linear(opts.r_g, d_model)
-        elif self.kind == "middlex":
-            self.proj = nn.Linear(d_model, 1)
-        elif self.kind == "small":
-            # One Linear(2D -> 1) over [X ; Y], X first, as the official checkpoint stores it.
-            self.proj = nn.Linear(2 * d_model, 1)
-        elif self.kind == "middley":
-            self.z = nn.Parameter(torch.empty(d_model))
-            nn.init.normal_(self.z, std=0.02)
-        else:
-            raise ConfigError(f"Gate needs a granularity other than 'none', got {self.kind!r}")
+
+    @classmethod
+    def build(cls, d_model: int, opts: GateOptions) -> "Gate | None":
+        return cls(d_model, opts)
+
+    @classmethod
+    def official_tag(cls) -> str | None:
+        """The official name stem that marks this granularity in a checkpoint (e.g. 'small_xy_cat')."""
+        return next(iter(cls.official.values())).split(".")[0] if cls.official else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind == "large":
-            return torch.sigmoid(self.up(gelu_new(self.down(x))))
-        if self.kind == "middlex":
-            return torch.sigmoid(self.proj(x + y))
-        if self.kind == "middley":
-            z = torch.sigmoid(self.z) if self.opts.middley_sigmoid else self.z
-            return 1.0 + z
-        # small: w · [X ; Y] = w_x · X + w_y · Y, without materialising the concatenation.
+        raise NotImplementedError
+
+    def zero_init(self) -> None:
+        raise NotImplementedError
+
+
+@register_gate
+class NoGate(Gate):
+    """G ≡ 1: no module is placed (`GatedModification.gate` is None)."""
+
+    kind = "none"
+
+    @classmethod
+    def build(cls, d_model: int, opts: GateOptions) -> None:
+        return None
+
+
+@register_gate
+class SmallGate(Gate):
+    """G_small = mean_N σ(w · [X ; Y] + b)  [B, 1, 1]; padding included unless `masked_mean`."""
+
+    kind, paper = "small", True
+    official = {"proj.weight": "small_xy_cat.weight", "proj.bias": "small_xy_cat.bias"}
+
+    def __init__(self, d_model, opts):
+        super().__init__(d_model, opts)
+        # One Linear(2D -> 1) over [X ; Y], X first, as the official checkpoint stores it.
+        self.proj = nn.Linear(2 * d_model, 1)
+
+    def forward(self, x, y, mask=None):
+        # w · [X ; Y] = w_x · X + w_y · Y, without materialising the concatenation.
         d = x.shape[-1]
         w = self.proj.weight
-        logits = F.linear(x, w[:, :d]) + F.linear(y, w[:, d:], self.proj.bias)
-        g = torch.sigmoid(logits)  # [B, N, 1]
+        g = torch.sigmoid(F.linear(x, w[:, :d]) + F.linear(y, w[:, d:], self.proj.bias))  # [B, N, 1]
         if self.opts.masked_mean and mask is not None:
             m = mask.to(g.dtype).unsqueeze(-1)
             return (g * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
         return g.mean(dim=1, keepdim=True)  # [B, 1, 1], padding included (official)
+
+    def zero_init(self):
+        self.proj.weight.zero_()
+        self.proj.bias.zero_()
+
+
+@register_gate
+class MiddleXGate(Gate):
+    """G_middleX = σ(w · (X + Y) + b)  [B, N, 1]."""
+
+    kind, paper = "middlex", True
+    official = {"proj.weight": "middle_xy_add.weight", "proj.bias": "middle_xy_add.bias"}
+
+    def __init__(self, d_model, opts):
+        super().__init__(d_model, opts)
+        self.proj = nn.Linear(d_model, 1)
+
+    def forward(self, x, y, mask=None):
+        return torch.sigmoid(self.proj(x + y))
+
+    def zero_init(self):
+        self.proj.weight.zero_()
+        self.proj.bias.zero_()
+
+
+@register_gate
+class MiddleYGate(Gate):
+    """G_middleY = 1 + z  [D] (paper figure: 1 + σ(z) with `middley_sigmoid`); z ~ N(0, 0.02)."""
+
+    kind, paper = "middley", True
+    official = {"z": "middle_ia3_add"}
+
+    def __init__(self, d_model, opts):
+        super().__init__(d_model, opts)
+        self.z = nn.Parameter(torch.empty(d_model))
+        nn.init.normal_(self.z, std=0.02)
+
+    def forward(self, x, y, mask=None):
+        z = torch.sigmoid(self.z) if self.opts.middley_sigmoid else self.z
+        return 1.0 + z
+
+    def zero_init(self):
+        self.z.zero_()  # G = 1
+
+
+@register_gate
+class LargeGate(Gate):
+    """G_large = σ(W_up · gelu_new(W_down · X + b_down) + b_up)  [B, N, D]."""
+
+    kind, paper = "large", True
+    official = {"down.weight": "large_x_down.weight", "down.bias": "large_x_down.bias",
+                "up.weight": "large_x_up.weight", "up.bias": "large_x_up.bias"}
+
+    def __init__(self, d_model, opts):
+        super().__init__(d_model, opts)
+        self.down = nn.Linear(d_model, opts.r_g)
+        self.up = nn.Linear(opts.r_g, d_model)
+
+    def forward(self, x, y, mask=None):
+        return torch.sigmoid(self.up(gelu_new(self.down(x))))
+
+    def zero_init(self):
+        self.up.weight.zero_()  # G = σ(0) = 0.5
+        self.up.bias.zero_()
 
 
 class GatedModification(nn.Module):
@@ -97,9 +223,15 @@ class GatedModification(nn.Module):
         self.record = False
 
     def forward(self, h: torch.Tensor, x: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        return self._combine(h, self.delta(h) if self.delta is not None else None, x, mask)
+
+    def forward_parallel(self, h: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """Parallel form: ΔH reads the sub-layer input X instead of H."""
+        return self._combine(h, self.delta(x), x, mask)
+
+    def _combine(self, h, d, x, mask):
         s = self.scale
-        if self.delta is not None:
-            d = self.delta(h)
+        if d is not None:
             y = h + s * d if self.scale_delta_only else h + d
         else:
             y = h

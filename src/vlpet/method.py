@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .data.tasks import TASKS
 from .granularity import GateOptions
 
 MODIFICATIONS = ("adapter", "phm_adapter", "none")
@@ -88,7 +89,7 @@ class HyperformerSpec:
     task_embedding_dim: int = 512
     task_hidden_dim: int = 128
     projected_dim: int = 8
-    tasks: tuple[str, ...] = ("vqa", "gqa", "nlvr", "caption")
+    tasks: tuple[str, ...] = TASKS  # the image-text tasks of the task registry
 
 
 @dataclass(frozen=True)

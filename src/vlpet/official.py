@@ -44,19 +44,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data.tasks import TASKS
 from .errors import CheckpointError, ConfigError
+from .granularity import GATES
 
-# The task keys under which the official single-adapter AdapterController lists the decoder VPA (§2.4).
-TASKS = ("vqa", "gqa", "nlvr", "caption")
+# TASKS (data/tasks.py): the keys under which the official single-adapter AdapterController lists the
+# decoder VPA (§2.4), the paper's image-text tasks.
 SUPPORTED_ARCHS = ("bart", "t5")
 _SUBLAYER_TAG = {"encoder.self_attn": "attn", "encoder.ffn": "ff"}
-_GATE_PARAMS = {  # our gate parameter -> official name after `encoder_{attn,ff}_adapter_gating_`
-    "large": {"down.weight": "large_x_down.weight", "down.bias": "large_x_down.bias",
-              "up.weight": "large_x_up.weight", "up.bias": "large_x_up.bias"},
-    "middlex": {"proj.weight": "middle_xy_add.weight", "proj.bias": "middle_xy_add.bias"},
-    "small": {"proj.weight": "small_xy_cat.weight", "proj.bias": "small_xy_cat.bias"},
-    "middley": {"z": "middle_ia3_add"},
-}
 _HEAD_RE = re.compile(r"^(?P<stem>.+_adapter_multihead_down)\.(?P<h>\d+)\.(?P<leaf>weight|bias)$")
 _TASK_RE = re.compile(r"^(?P<stem>.+\.attn_value_parallel_adapter\.adapters)\.(?P<task>[^.]+)\.(?P<leaf>.+)$")
 _MAX_LISTED = 20
@@ -250,7 +245,7 @@ def _targets(model) -> list[_Target]:
                     tgt.names = [f"{prefix}{tag}_adapter_multihead_down.{{h}}.{leaf}"]
                     claim(getattr(delta.up, leaf)).names = [f"{prefix}{tag}_adapter_multihead_up.{leaf}"]
             if gate is not None:
-                for ours, theirs in _GATE_PARAMS[gate.kind].items():
+                for ours, theirs in type(gate).official.items():
                     claim(gate.get_parameter(ours)).names = [f"{prefix}encoder_{tag}_adapter_gating_{theirs}"]
 
     # Decoder value adapters (VPA) on the cross-attention value projection.
@@ -388,15 +383,12 @@ def load_official(model, state_dict: Mapping[str, torch.Tensor], source: str = "
     return report
 
 
-_GATE_SUFFIX = {"large": "large_x_down", "middlex": "middle_xy_add", "small": "small_xy_cat",
-                "middley": "middle_ia3_add"}
-
-
 def detect_granularity(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """'small' / 'middlex' / 'middley' / 'large' from the official gate names, None without gates;
     a checkpoint with several kinds is refused (the official layers have exactly one)."""
-    found = {kind for kind, suffix in _GATE_SUFFIX.items()
-             if any(re.search(rf"adapter_gating_{suffix}(\.|$)", k) for k in state_dict)}
+    tags = {kind: cls.official_tag() for kind, cls in GATES.items() if cls.official}
+    found = {kind for kind, tag in tags.items()
+             if any(re.search(rf"adapter_gating_{tag}(\.|$)", k) for k in state_dict)}
     if len(found) > 1:
         raise CheckpointError(f"the checkpoint holds gates of several granularities ({', '.join(sorted(found))})")
     return found.pop() if found else None
@@ -425,7 +417,7 @@ def _build(backbone: str, method, sd: dict[str, torch.Tensor], *, seed: int, vid
     kinds = {spec.gate.kind for spec in method.modules if spec.gate.kind != "none"}
     if found is not None and kinds and kinds != {found}:
         raise CheckpointError(f"the checkpoint holds G_{found} gates (encoder_*_adapter_gating_"
-                              f"{_GATE_SUFFIX[found]}) but method {method.name!r} uses G_{'/'.join(sorted(kinds))}; "
+                              f"{GATES[found].official_tag()}) but method {method.name!r} uses G_{'/'.join(sorted(kinds))}; "
                               f"use the vl-pet-{found} preset (or method=None)")
     # The official vocabulary size (BART 50465, T5 32200), visual feature size and image count.
     rows = next((sd[k].shape[0] for k in (f"{arch.shared_embedding}.weight", "lm_head.weight") if k in sd), None)

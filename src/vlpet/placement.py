@@ -13,7 +13,7 @@ from torch import nn
 from .backbones.arch import ArchSpec
 from .backbones.joint import JointContext
 from .errors import ConfigError
-from .granularity import Gate, GatedModification
+from .granularity import GatedModification, make_gate
 from .method import PROJECTION_PLACEMENTS, MethodConfig, ModuleSpec
 from .methods.adapter import Bottleneck, ParallelLinear, PHMBottleneck
 
@@ -89,22 +89,6 @@ class GatedSublayer(nn.Module):
         return tuple(out)
 
 
-def _forward_parallel(self: GatedModification, h, x, mask):
-    """Parallel form: ΔH reads the sub-layer input X instead of H."""
-    d = self.delta(x)
-    s = self.scale
-    y = h + (s * d if self.scale_delta_only else d)
-    if self.gate is not None:
-        g = self.gate(x, y, mask)
-        if self.record:
-            self.last_gate = g.detach()
-        y = g.to(y.dtype) * y
-    return s * y if (s != 1.0 and not self.scale_delta_only) else y
-
-
-GatedModification.forward_parallel = _forward_parallel
-
-
 def make_delta(spec: ModuleSpec, d_model: int) -> nn.Module | None:
     if spec.modification == "adapter":
         return Bottleneck(d_model, spec.r, spec.n_heads)
@@ -146,7 +130,7 @@ def _place_sublayer(layer, arch, placement, spec, d_model, ctx):
     base = get_module(layer, sub.wrap)
     if isinstance(base, GatedSublayer):
         raise ConfigError(f"placement {placement!r} given twice in one method")
-    gate = Gate(d_model, spec.gate) if spec.gate.kind != "none" else None
+    gate = make_gate(d_model, spec.gate)
     pet = GatedModification(make_delta(spec, d_model), gate, spec.scale, spec.scale_delta_only)
     needs_x = gate is not None or spec.mode == "parallel"
     slot = None
@@ -177,18 +161,11 @@ def init_new_modules(modules: list[nn.Module], arch: ArchSpec) -> None:
 @torch.no_grad()
 def apply_zero_init(created: list[tuple[nn.Module, ModuleSpec]]) -> None:
     """The official zero-init flags (spec §1.4): 'up' zeroes W_up and b_up of the adapter (ΔH = 0);
-    'gate' zeroes the gate's last projection (G = σ(0) = 0.5) or middleY's z (G = 1)."""
+    'gate' is the granularity's own `zero_init` (its last projection: G = σ(0) = 0.5; middleY's z: G = 1)."""
     for module, spec in created:
         delta, gate = (module.delta, module.gate) if isinstance(module, GatedModification) else (module, None)
         if "up" in spec.zero_init and delta is not None:
             for p in delta.up.parameters():
                 p.zero_()
         if "gate" in spec.zero_init and gate is not None:
-            if gate.kind == "large":
-                gate.up.weight.zero_()
-                gate.up.bias.zero_()
-            elif gate.kind in ("middlex", "small"):
-                gate.proj.weight.zero_()
-                gate.proj.bias.zero_()
-            elif gate.kind == "middley":
-                gate.z.zero_()
+            gate.zero_init()

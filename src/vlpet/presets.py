@@ -9,10 +9,12 @@ optimisation settings, spec §4.5-§4.6). Settings per backbone family (spec §4
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 from .errors import ConfigError
-from .granularity import GateOptions
+from .granularity import GateOptions, paper_granularities
 from .method import HyperformerSpec, LoraSpec, MethodConfig, ModuleSpec, PromptSpec
 
 ALL_SUBLAYERS = ("encoder.self_attn", "encoder.ffn", "decoder.self_attn", "decoder.cross_attn", "decoder.ffn")
@@ -20,7 +22,7 @@ ENCODER_SUBLAYERS = ("encoder.self_attn", "encoder.ffn")
 VPA = ("decoder.cross_attn.v",)
 LORA_QV = ("encoder.self_attn.q", "encoder.self_attn.v", "decoder.self_attn.q", "decoder.self_attn.v",
            "decoder.cross_attn.q", "decoder.cross_attn.v")
-GRANULARITIES = ("small", "middlex", "middley", "large")
+GRANULARITIES = paper_granularities()  # the paper's four, from the granularity registry
 
 
 @dataclass(frozen=True)
@@ -42,24 +44,27 @@ class Family:
     batch: int
 
 
-BART_FAMILY = Family("bart", r=96, r_g=96, n_heads=4, scale=1.0, zero_init=False, lr=1e-3, batch=500)
-T5_FAMILY = Family("t5", r=192, r_g=192, n_heads=4, scale=0.3, zero_init=True, lr=3e-4, batch=300)
-VIDEO_BART_FAMILY = Family("bart", r=96, r_g=96, n_heads=4, scale=1.0, zero_init=False, lr=7e-4, batch=50)
-VIDEO_T5_FAMILY = Family("t5", r=192, r_g=192, n_heads=4, scale=0.3, zero_init=True, lr=3e-4, batch=30)
+# Per family name (`ArchSpec.family`): (image-text settings, video settings).
+FAMILIES: dict[str, tuple[Family, Family]] = {
+    "bart": (Family("bart", r=96, r_g=96, n_heads=4, scale=1.0, zero_init=False, lr=1e-3, batch=500),
+             Family("bart", r=96, r_g=96, n_heads=4, scale=1.0, zero_init=False, lr=7e-4, batch=50)),
+    "t5": (Family("t5", r=192, r_g=192, n_heads=4, scale=0.3, zero_init=True, lr=3e-4, batch=300),
+           Family("t5", r=192, r_g=192, n_heads=4, scale=0.3, zero_init=True, lr=3e-4, batch=30)),
+}
+BART_FAMILY, VIDEO_BART_FAMILY = FAMILIES["bart"]
+T5_FAMILY, VIDEO_T5_FAMILY = FAMILIES["t5"]
 R_DEC = 96  # decoder VPA bottleneck in every released setting
 REFERENCE_WIDTH = 768  # d_model of BART-base / T5-base, the widths the paper's sizes were set for
 
 
 def family_for(family: str, video: bool = False, d_model: int | None = None) -> Family:
-    """The settings of a preset family ("bart" or "t5": `ArchSpec.family`).
+    """The settings of a preset family (a key of FAMILIES, i.e. an `ArchSpec.family`).
 
     `d_model` scales the module sizes with the language model's width (issue 18): BART family
     r = r_g = d/8, T5 family r = r_g = d/4; None keeps the paper's sizes (those of width 768)."""
-    t5_like = family == "t5"
-    if video:
-        f = VIDEO_T5_FAMILY if t5_like else VIDEO_BART_FAMILY
-    else:
-        f = T5_FAMILY if t5_like else BART_FAMILY
+    if family not in FAMILIES:
+        raise ConfigError(f"preset family {family!r} is unknown; allowed: {', '.join(FAMILIES)}")
+    f = FAMILIES[family][1 if video else 0]
     if d_model is None or d_model == REFERENCE_WIDTH:
         return f
     r = scaled_size(f.r, d_model, f.n_heads)
@@ -71,6 +76,46 @@ def scaled_size(size: int, d_model: int | None, multiple: int = 1) -> int:
     if d_model is None or d_model == REFERENCE_WIDTH:
         return size
     return max(multiple, round(size * d_model / REFERENCE_WIDTH / multiple) * multiple)
+
+
+# -- the registry (one entry per preset name) ------------------------------------------------------
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    build: Callable[[Family, int | None], MethodConfig]  # (family settings, d_model) -> method
+    group: str  # "baseline" (Table 2's baselines), "vl-pet" (Table 2's VL-PET rows) or "table9"
+    lr: float | None = None  # overrides the family's learning rate
+
+
+_REGISTRY: dict[str, Preset] = {}
+GROUPS = ("baseline", "vl-pet", "table9")
+
+
+def register_preset(name: str, group: str, lr: float | None = None):
+    """Decorator (or call with the builder) that registers `build(family, d_model) -> MethodConfig`."""
+    if group not in GROUPS:
+        raise ConfigError(f"preset {name!r}: group {group!r} is not one of {', '.join(GROUPS)}")
+
+    def add(build):
+        if name in _REGISTRY:
+            raise ConfigError(f"preset {name!r} is registered twice")
+        _REGISTRY[name] = Preset(name, build, group, lr)
+        return build
+
+    return add
+
+
+def list_presets(*groups: str) -> tuple[str, ...]:
+    """Registered preset names in registration order, of the given groups (all without any)."""
+    return tuple(n for n, p in _REGISTRY.items() if not groups or p.group in groups)
+
+
+def _lookup(name: str) -> Preset:
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown method/preset {name!r}; allowed: {', '.join(_REGISTRY)}")
+    return _REGISTRY[key]
 
 
 def _gated_encoder(f: Family, granularity: str, modification: str, n_heads: int, d_model=None) -> ModuleSpec:
@@ -87,7 +132,7 @@ def _vpa(f: Family, modification: str = "adapter", d_model=None) -> ModuleSpec:
                       zero_init=("up",) if f.zero_init else ())
 
 
-def _vl_pet(f: Family, g: str, d_model=None) -> MethodConfig:
+def _vl_pet(g: str, f: Family, d_model=None) -> MethodConfig:
     return MethodConfig(
         name=f"vl-pet-{g}",
         modules=(_gated_encoder(f, g, "adapter", f.n_heads, d_model), _vpa(f, d_model=d_model)),
@@ -96,7 +141,7 @@ def _vl_pet(f: Family, g: str, d_model=None) -> MethodConfig:
     )
 
 
-def _vl_adapter_g_lw(f: Family, g: str, d_model=None) -> MethodConfig:
+def _vl_adapter_g_lw(g: str, f: Family, d_model=None) -> MethodConfig:
     return MethodConfig(
         name=f"vl-adapter-g-{g}-lw",
         modules=(_gated_encoder(f, g, "adapter", 1, d_model), _vpa(f, d_model=d_model)),
@@ -105,7 +150,7 @@ def _vl_adapter_g_lw(f: Family, g: str, d_model=None) -> MethodConfig:
     )
 
 
-def _compacter_g_lw(f: Family, g: str, d_model=None) -> MethodConfig:
+def _compacter_g_lw(g: str, f: Family, d_model=None) -> MethodConfig:
     return MethodConfig(
         name=f"compacter-g-{g}-lw",
         modules=(_gated_encoder(f, g, "phm_adapter", 1, d_model), _vpa(f, "phm_adapter", d_model)),
@@ -115,42 +160,71 @@ def _compacter_g_lw(f: Family, g: str, d_model=None) -> MethodConfig:
     )
 
 
-def _baselines(f: Family, d_model=None) -> dict[str, MethodConfig]:
+@register_preset("full", "baseline", lr=1e-4)
+def _full(f: Family, d_model=None) -> MethodConfig:
+    return MethodConfig(name="full", trainable=("all",), task_prompts=False, description="full fine-tuning, no task prompts")
+
+
+@register_preset("bitfit", "baseline")
+def _bitfit(f: Family, d_model=None) -> MethodConfig:
     t5 = f.name == "t5"
-    r96 = scaled_size(96, d_model)
-    return {
-        "full": MethodConfig(name="full", trainable=("all",), task_prompts=False,
-                             description="full fine-tuning, no task prompts"),
-        "bitfit": MethodConfig(name="bitfit", trainable=("visual_embedding", "biases"), add_biases=t5,
-                               description="all biases + visual embedding"
-                               + (" (T5 has no biases: added as zeros, as the LST paper did)" if t5 else "")),
-        "prompt": MethodConfig(name="prompt", prompt=PromptSpec(40, 800),
-                               description="40 encoder prompts through Embedding -> Linear(D,800) -> tanh -> Linear(800,D)"),
-        "lora": MethodConfig(name="lora", lora=LoraSpec(LORA_QV, r=150 if t5 else 128, alpha=32, dropout=0.1),
-                             trainable=("visual_embedding", "biases"),
-                             description="LoRA (PEFT) on q, v of every attention + all biases"),
-        "compacter": MethodConfig(
-            name="compacter",
-            modules=(ModuleSpec(placements=ALL_SUBLAYERS, modification="phm_adapter", r=r96, phm_n=2),),
-            trainable=("visual_embedding", "all_layer_norms"),
-            description="Compacter PHM adapters (n=2) after every sub-layer + all LNs"),
-        "hyperformer": MethodConfig(name="hyperformer", hyperformer=HyperformerSpec(r=r96),
-                                    trainable=("visual_embedding", "all_layer_norms"), task_prompts=False,
-                                    description="HyperFormer: adapter weights generated from task + layer embeddings"),
-        "vl-adapter": MethodConfig(
-            name="vl-adapter",
-            modules=(ModuleSpec(placements=ALL_SUBLAYERS, modification="adapter", r=f.r if t5 else r96),),
-            # LST's T5 run trained no LayerNorm (its unfreeze filter missed its own T5LayerNorm class);
-            # the T5 preset reproduces that count (7.98%); add "all_layer_norms" for the intended recipe.
-            trainable=("visual_embedding",) if t5 else ("visual_embedding", "all_layer_norms"),
-            description="VL-Adapter single adapter after every sub-layer" + ("" if t5 else " + all LNs")),
-    }
+    return MethodConfig(name="bitfit", trainable=("visual_embedding", "biases"), add_biases=t5,
+                        description="all biases + visual embedding"
+                        + (" (T5 has no biases: added as zeros, as the LST paper did)" if t5 else ""))
 
 
-BASELINES = ("full", "bitfit", "prompt", "lora", "compacter", "hyperformer", "vl-adapter")
-TABLE2 = BASELINES + tuple(f"vl-pet-{g}" for g in GRANULARITIES)
-TABLE9 = tuple(f"compacter-g-{g}-lw" for g in GRANULARITIES) + tuple(f"vl-adapter-g-{g}-lw" for g in GRANULARITIES)
-PRESETS = TABLE2 + TABLE9
+@register_preset("prompt", "baseline")
+def _prompt(f: Family, d_model=None) -> MethodConfig:
+    return MethodConfig(name="prompt", prompt=PromptSpec(40, 800),
+                        description="40 encoder prompts through Embedding -> Linear(D,800) -> tanh -> Linear(800,D)")
+
+
+@register_preset("lora", "baseline")
+def _lora(f: Family, d_model=None) -> MethodConfig:
+    return MethodConfig(name="lora", lora=LoraSpec(LORA_QV, r=150 if f.name == "t5" else 128, alpha=32, dropout=0.1),
+                        trainable=("visual_embedding", "biases"),
+                        description="LoRA (PEFT) on q, v of every attention + all biases")
+
+
+@register_preset("compacter", "baseline")
+def _compacter(f: Family, d_model=None) -> MethodConfig:
+    return MethodConfig(
+        name="compacter",
+        modules=(ModuleSpec(placements=ALL_SUBLAYERS, modification="phm_adapter", r=scaled_size(96, d_model), phm_n=2),),
+        trainable=("visual_embedding", "all_layer_norms"),
+        description="Compacter PHM adapters (n=2) after every sub-layer + all LNs")
+
+
+@register_preset("hyperformer", "baseline")
+def _hyperformer(f: Family, d_model=None) -> MethodConfig:
+    return MethodConfig(name="hyperformer", hyperformer=HyperformerSpec(r=scaled_size(96, d_model)),
+                        trainable=("visual_embedding", "all_layer_norms"), task_prompts=False,
+                        description="HyperFormer: adapter weights generated from task + layer embeddings")
+
+
+@register_preset("vl-adapter", "baseline")
+def _vl_adapter(f: Family, d_model=None) -> MethodConfig:
+    t5 = f.name == "t5"
+    return MethodConfig(
+        name="vl-adapter",
+        modules=(ModuleSpec(placements=ALL_SUBLAYERS, modification="adapter", r=f.r if t5 else scaled_size(96, d_model)),),
+        # LST's T5 run trained no LayerNorm (its unfreeze filter missed its own T5LayerNorm class);
+        # the T5 preset reproduces that count (7.98%); add "all_layer_norms" for the intended recipe.
+        trainable=("visual_embedding",) if t5 else ("visual_embedding", "all_layer_norms"),
+        description="VL-Adapter single adapter after every sub-layer" + ("" if t5 else " + all LNs"))
+
+
+for _g in GRANULARITIES:
+    register_preset(f"vl-pet-{_g}", "vl-pet")(partial(_vl_pet, _g))
+for _g in GRANULARITIES:
+    register_preset(f"compacter-g-{_g}-lw", "table9")(partial(_compacter_g_lw, _g))
+for _g in GRANULARITIES:
+    register_preset(f"vl-adapter-g-{_g}-lw", "table9")(partial(_vl_adapter_g_lw, _g))
+
+BASELINES = list_presets("baseline")
+TABLE2 = list_presets("baseline", "vl-pet")
+TABLE9 = list_presets("table9")
+PRESETS = list_presets()
 
 # The paper's Params % (Table 2 and Table 9); None where the paper has no such row.
 PAPER_PARAMS_PERCENT = {
@@ -167,27 +241,13 @@ PAPER_PARAMS_PERCENT = {
 def get_preset(name: str, family: str = "bart", video: bool = False, d_model: int | None = None) -> MethodConfig:
     """The preset `name` for a backbone family ("bart" / "t5", `ArchSpec.family`); `d_model` scales the
     adapter sizes with the language model's width (None: the paper's sizes, set for width 768)."""
-    key = name.lower()
-    f = family_for(family, video, d_model)
-    if key.startswith("vl-pet-") and key[7:] in GRANULARITIES:
-        return _vl_pet(f, key[7:], d_model)
-    if key.startswith("vl-adapter-g-") and key.endswith("-lw") and key[13:-3] in GRANULARITIES:
-        return _vl_adapter_g_lw(f, key[13:-3], d_model)
-    if key.startswith("compacter-g-") and key.endswith("-lw") and key[12:-3] in GRANULARITIES:
-        return _compacter_g_lw(f, key[12:-3], d_model)
-    base = _baselines(f, d_model)
-    if key in base:
-        return base[key]
-    raise ConfigError(f"unknown method/preset {name!r}; allowed: {', '.join(PRESETS)}")
+    preset = _lookup(name)
+    return preset.build(family_for(family, video, d_model), d_model)
 
 
 def train_defaults(name: str, family: str = "bart", video: bool = False) -> TrainDefaults:
+    """The paper's learning rate and VQA batch for preset `name` (spec §4.5-§4.6): the family's, except
+    where the preset sets its own (full fine-tuning: 1e-4)."""
+    preset = _lookup(name)
     f = family_for(family, video)
-    key = name.lower()
-    if key == "full":
-        lr = 1e-4
-    elif key.startswith("vl-pet-") or f.name == "t5":
-        lr = f.lr
-    else:
-        lr = 7e-4 if video else 1e-3
-    return TrainDefaults(lr=lr, batch_size=f.batch, epochs=20)
+    return TrainDefaults(lr=preset.lr if preset.lr is not None else f.lr, batch_size=f.batch, epochs=20)

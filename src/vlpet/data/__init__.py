@@ -3,11 +3,11 @@ readers, datasets, the multi-task sampler, fixtures.
 
 Quick start::
 
-    from vlpet.data import build_dataset, TaskBatchLoader, MultitaskLoader, task_batch_sizes
+    from vlpet.data import TASKS, build_dataset, TaskBatchLoader, MultitaskLoader, task_batch_sizes
 
     sizes = task_batch_sizes(500)                       # vqa 500, gqa 833, nlvr 166, caption 416
     loaders = {t: TaskBatchLoader(build_dataset(t, "train", root, tok, seed=42), sizes[t], seed=42)
-               for t in ("vqa", "gqa", "nlvr", "caption")}
+               for t in TASKS}
     mt = MultitaskLoader(loaders, seed=42)
     for batch in mt: ...                                # one task per batch; mt.state_dict() resumes
 """
@@ -52,7 +52,21 @@ from .records import (
     read_vqa_annotations,
 )
 from .sampler import MultitaskLoader, MultitaskSampler, TaskBatchLoader, TaskStep, task_batch_sizes
-from .tasks import TASKS, VIDEO_TASKS, TaskSpec, canonical_task, class_token_ids, get_task_spec, get_task_specs
+from .tasks import (
+    TASKS,
+    VIDEO_TASKS,
+    Task,
+    TaskSpec,
+    canonical_task,
+    class_token_ids,
+    get_task_spec,
+    get_task_specs,
+    is_video_task,
+    register_task,
+    task_entry,
+    task_modality,
+    task_names,
+)
 from .video import (
     VideoCaptionDataset,
     VideoQADataset,
@@ -78,6 +92,7 @@ __all__ = [
     "read_vqa_annotations",
     "MultitaskLoader", "MultitaskSampler", "TaskBatchLoader", "TaskStep", "task_batch_sizes",
     "TASKS", "TaskSpec", "canonical_task", "class_token_ids", "get_task_spec", "get_task_specs",
+    "Task", "register_task", "task_names", "task_entry", "is_video_task", "task_modality",
     "VIDEO_TASKS", "VideoCaptionDataset", "VideoQADataset", "build_video_dataset", "read_subtitles",
     "read_video_captions", "read_video_qa", "resize_frames", "video_input_text", "write_value_predictions",
     "VideoFixture", "make_video_fixture",

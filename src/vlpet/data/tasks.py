@@ -27,12 +27,19 @@ Notes on deliberate choices:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "TASKS",
     "VIDEO_TASKS",
+    "Task",
+    "register_task",
+    "task_names",
+    "task_entry",
+    "is_video_task",
+    "task_modality",
     "TaskSpec",
     "canonical_task",
     "get_task_spec",
@@ -40,15 +47,69 @@ __all__ = [
     "class_token_ids",
 ]
 
-TASKS = ("vqa", "gqa", "nlvr", "caption")
-VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
-_ALIASES = {
-    "tvqa": "tvqa", "how2qa": "how2qa", "tvc": "tvc", "yc2c": "yc2c", "youcook2": "yc2c",
-    "vqa": "vqa", "vqav2": "vqa",
-    "gqa": "gqa",
-    "nlvr": "nlvr", "nlvr2": "nlvr",
-    "caption": "caption", "coco": "caption", "coco_caption": "caption", "captioning": "caption",
-}
+MODALITIES = ("image", "video")  # image-text (VL-Adapter layout) / video-text (VALUE layout, spec §3.9)
+KINDS = ("qa", "classification", "caption")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of the registry: its canonical name, modality, output kind, aliases and the builder of
+    its :class:`TaskSpec` (``build(options) -> TaskSpec``, options: see :func:`get_task_spec`)."""
+
+    name: str
+    modality: str
+    kind: str
+    build: Callable[["_SpecOptions"], "TaskSpec"]
+    aliases: tuple[str, ...] = ()
+
+
+_REGISTRY: dict[str, Task] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add a task (and its aliases); a name or alias already taken is refused."""
+    from ..errors import ConfigError
+
+    if task.modality not in MODALITIES or task.kind not in KINDS:
+        raise ConfigError(f"task {task.name!r}: modality {task.modality!r} / kind {task.kind!r}; expected one of "
+                          f"{MODALITIES} / {KINDS}")
+    names = (task.name, *task.aliases)
+    taken = [n for n in names if n in _ALIASES]
+    if taken:
+        raise ConfigError(f"task {task.name!r}: name(s) {taken} already registered")
+    _REGISTRY[task.name] = task
+    _ALIASES.update({n: task.name for n in names})
+    return task
+
+
+def task_names(modality: str | None = None, kind: str | None = None) -> tuple[str, ...]:
+    """Canonical task names in registration order, optionally of one modality and/or kind."""
+    return tuple(n for n, t in _REGISTRY.items()
+                 if (modality is None or t.modality == modality) and (kind is None or t.kind == kind))
+
+
+def task_entry(name: str) -> Task:
+    return _REGISTRY[canonical_task(name)]
+
+
+def is_video_task(name: str) -> bool:
+    return task_entry(name).modality == "video"
+
+
+def task_modality(tasks: Iterable[str]) -> str:
+    """The mixing rule: "image" or "video" for a list of tasks of one modality; a ConfigError for a list
+    that mixes them (they need different visual features, presets and batch sizes). Names that are not
+    registered are left to :func:`canonical_task` (they count as neither here)."""
+    from ..errors import ConfigError
+
+    by = {m: [t for t in tasks if str(t).lower() in _ALIASES and _REGISTRY[_ALIASES[str(t).lower()]].modality == m]
+          for m in MODALITIES}
+    if by["image"] and by["video"]:
+        raise ConfigError(f"--tasks mixes image-text ({','.join(by['image'])}) and video-text ({','.join(by['video'])}) "
+                          f"tasks; they need different visual features, presets and batch sizes (spec §3.9, §4.5): "
+                          f"train them in separate runs")
+    return "video" if by["video"] else "image"
 
 
 def canonical_task(name: str) -> str:
@@ -58,7 +119,7 @@ def canonical_task(name: str) -> str:
     except (KeyError, AttributeError):
         from ..errors import ConfigError  # a ValueError too
 
-        raise ConfigError(f"unknown task {name!r}; expected one of {list(TASKS + VIDEO_TASKS)}") from None
+        raise ConfigError(f"unknown task {name!r}; expected one of {list(_REGISTRY)}") from None
 
 
 @dataclass(frozen=True)
@@ -102,74 +163,94 @@ class TaskSpec:
         return parts
 
 
-def get_task_spec(
-    name: str,
-    *,
-    use_prompts: bool = True,
-    official_gqa_typo: bool = False,
-    caption_num_beams: int = 5,
-    caption_max_length: int = 40,
-    caption_no_repeat_ngram_size: int = 0,
-    caption_early_stopping: bool = False,
-    qa_max_new_tokens: int = 10,
-    video_num_beams: int = 5,
-    video_max_length: int = 20,
-) -> TaskSpec:
-    """The :class:`TaskSpec` of one task. ``use_prompts=False`` gives empty prompts (the official
-    full fine-tuning and Hyperformer scripts run without ``--use_tasks_prompts``)."""
-    name = canonical_task(name)
+@dataclass(frozen=True)
+class _SpecOptions:
+    use_prompts: bool = True
+    official_gqa_typo: bool = False
+    caption_num_beams: int = 5
+    caption_max_length: int = 40
+    caption_no_repeat_ngram_size: int = 0
+    caption_early_stopping: bool = False
+    qa_max_new_tokens: int = 10
+    video_num_beams: int = 5
+    video_max_length: int = 20
 
-    def p(text: str) -> str:
-        return text if use_prompts else ""
+    def prompt(self, text: str) -> str:
+        return text if self.use_prompts else ""
 
-    qa_decode = {"num_beams": 1, "do_sample": False, "max_new_tokens": qa_max_new_tokens}
-    if name == "vqa":
-        return TaskSpec(
-            "vqa", p("vqa: "), 20, 10, 1, "sample", True, qa_decode, sample_target=True,
-            splits={"train": ("karpathy_train",), "val": ("karpathy_val",), "test": ("karpathy_test",)},
-        )
-    if name == "gqa":
-        return TaskSpec(
-            "gqa", p("gpa: " if official_gqa_typo else "gqa: "), 20, 10, 1, "sample", False, dict(qa_decode),
-            sample_target=True,
-            # trains on train + valid; test-dev is both the validation and the reported split
-            splits={"train": ("train", "valid"), "val": ("testdev",), "test": ("testdev",)},
-        )
-    if name in VIDEO_TASKS:
-        video_decode = {
-            "num_beams": video_num_beams,
-            "do_sample": False,
-            "max_length": video_max_length,
-            "no_repeat_ngram_size": caption_no_repeat_ngram_size,
-            "early_stopping": caption_early_stopping,
-        }
-        splits = {
-            "tvqa": {"train": ("train",), "val": ("val",), "test": ("test_public", "test_release")},
-            "how2qa": {"train": ("train_release",), "val": ("val_release",), "test": ("test_public_release",)},
-        }.get(name, {"train": ("train_release",), "val": ("val_release",), "test": ("test_release",)})
-        return TaskSpec(name, p(f"{name}: "), 600, 20, 1, "sample", False, video_decode, splits=splits, video=True)
-    if name == "nlvr":
-        return TaskSpec(
-            "nlvr", p("nlvr: "), None, None, 2, "sample", False, {}, classes=("false", "true"),
-            splits={"train": ("train",), "val": ("valid",), "test": ("test",)},
-        )
+    def qa_decode(self) -> dict[str, Any]:
+        return {"num_beams": 1, "do_sample": False, "max_new_tokens": self.qa_max_new_tokens}
+
+    def video_decode(self) -> dict[str, Any]:
+        return {"num_beams": self.video_num_beams, "do_sample": False, "max_length": self.video_max_length,
+                "no_repeat_ngram_size": self.caption_no_repeat_ngram_size,
+                "early_stopping": self.caption_early_stopping}
+
+
+def get_task_spec(name: str, **options) -> TaskSpec:
+    """The :class:`TaskSpec` of one task. Options (keyword only): ``use_prompts`` (False gives empty
+    prompts: the official full fine-tuning and Hyperformer scripts run without ``--use_tasks_prompts``),
+    ``official_gqa_typo``, ``caption_num_beams`` (5), ``caption_max_length`` (40),
+    ``caption_no_repeat_ngram_size`` (0), ``caption_early_stopping`` (False), ``qa_max_new_tokens`` (10),
+    ``video_num_beams`` (5), ``video_max_length`` (20)."""
+    return task_entry(name).build(_SpecOptions(**options))
+
+
+def _vqa(o: _SpecOptions) -> TaskSpec:
+    return TaskSpec("vqa", o.prompt("vqa: "), 20, 10, 1, "sample", True, o.qa_decode(), sample_target=True,
+                    splits={"train": ("karpathy_train",), "val": ("karpathy_val",), "test": ("karpathy_test",)})
+
+
+def _gqa(o: _SpecOptions) -> TaskSpec:
+    return TaskSpec("gqa", o.prompt("gpa: " if o.official_gqa_typo else "gqa: "), 20, 10, 1, "sample", False,
+                    o.qa_decode(), sample_target=True,
+                    # trains on train + valid; test-dev is both the validation and the reported split
+                    splits={"train": ("train", "valid"), "val": ("testdev",), "test": ("testdev",)})
+
+
+def _nlvr(o: _SpecOptions) -> TaskSpec:
+    return TaskSpec("nlvr", o.prompt("nlvr: "), None, None, 2, "sample", False, {}, classes=("false", "true"),
+                    splits={"train": ("train",), "val": ("valid",), "test": ("test",)})
+
+
+def _caption(o: _SpecOptions) -> TaskSpec:
     return TaskSpec(
-        "caption", p("caption: "), 40, 40, 1, "token", False,
-        {
-            "num_beams": caption_num_beams,
-            "do_sample": False,
-            "max_length": caption_max_length,
-            "no_repeat_ngram_size": caption_no_repeat_ngram_size,
-            "early_stopping": caption_early_stopping,
-        },
+        "caption", o.prompt("caption: "), 40, 40, 1, "token", False,
+        {"num_beams": o.caption_num_beams, "do_sample": False, "max_length": o.caption_max_length,
+         "no_repeat_ngram_size": o.caption_no_repeat_ngram_size, "early_stopping": o.caption_early_stopping},
         text_from_prompt_only=True,
         # "train" selects Karpathy train + restval (merged)
         splits={"train": ("train",), "val": ("val",), "test": ("test",)},
     )
 
 
-def get_task_specs(tasks=TASKS, **kwargs) -> dict[str, TaskSpec]:
-    return {canonical_task(t): get_task_spec(t, **kwargs) for t in tasks}
+def _video(name: str, splits: dict[str, tuple[str, ...]]) -> Callable[[_SpecOptions], TaskSpec]:
+    def build(o: _SpecOptions) -> TaskSpec:
+        return TaskSpec(name, o.prompt(f"{name}: "), 600, 20, 1, "sample", False, o.video_decode(),
+                        splits=splits, video=True)
+    return build
+
+
+_RELEASE = {"train": ("train_release",), "val": ("val_release",), "test": ("test_release",)}
+register_task(Task("vqa", "image", "qa", _vqa, aliases=("vqav2",)))
+register_task(Task("gqa", "image", "qa", _gqa))
+register_task(Task("nlvr", "image", "classification", _nlvr, aliases=("nlvr2",)))
+register_task(Task("caption", "image", "caption", _caption, aliases=("coco", "coco_caption", "captioning")))
+register_task(Task("tvqa", "video", "qa", _video(
+    "tvqa", {"train": ("train",), "val": ("val",), "test": ("test_public", "test_release")})))
+register_task(Task("how2qa", "video", "qa", _video(
+    "how2qa", {"train": ("train_release",), "val": ("val_release",), "test": ("test_public_release",)})))
+register_task(Task("tvc", "video", "caption", _video("tvc", _RELEASE)))
+register_task(Task("yc2c", "video", "caption", _video("yc2c", _RELEASE), aliases=("youcook2",)))
+
+# The paper's tasks at import time (a task registered later is reached through task_names()).
+TASKS = task_names("image")
+VIDEO_TASKS = task_names("video")
+ALL_TASKS = TASKS + VIDEO_TASKS
+
+
+def get_task_specs(tasks=None, **kwargs) -> dict[str, TaskSpec]:
+    return {canonical_task(t): get_task_spec(t, **kwargs) for t in (TASKS if tasks is None else tasks)}
 
 
 def class_token_ids(spec: TaskSpec, tokenizer) -> list[int]:

@@ -75,6 +75,7 @@ import numpy as np
 from .errors import DataError
 from .layout import VLAdapterLayout, resolve_data_root
 from .records import _Rec, _typename
+from .tasks import task_names
 
 __all__ = [
     "VIDEO_TASKS",
@@ -108,9 +109,10 @@ __all__ = [
     "write_value_predictions",
 ]
 
-VIDEO_QA_TASKS = ("tvqa", "how2qa")
-VIDEO_CAPTION_TASKS = ("tvc", "yc2c")
-VIDEO_TASKS = VIDEO_QA_TASKS + VIDEO_CAPTION_TASKS
+# From the task registry (data/tasks.py); VIDEO_TASK_INFO below adds the VALUE-layout details per task.
+VIDEO_QA_TASKS = task_names("video", "qa")
+VIDEO_CAPTION_TASKS = task_names("video", "caption")
+VIDEO_TASKS = task_names("video")
 N_FRAMES = 64
 VIDEO_FEAT_DIM = 512
 TRUNCATIONS = ("end", "subtitles")

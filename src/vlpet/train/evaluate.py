@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.sampler import TaskBatchLoader
+from ..data.tasks import is_video_task, task_entry
 from ..data.tasks import TaskSpec, class_token_ids
 
 # The number each task contributes to a Table-2 row (and to Avg).
@@ -94,7 +95,7 @@ def predict_task(model, loader: TaskBatchLoader, spec: TaskSpec, tokenizer, devi
             elif getattr(spec, "video", False):
                 gold["img_ids"][q] = batch["img_ids"][k]
                 if batch["targets"][k]:  # VALUE test files have no answers / descriptions
-                    key = "refs" if spec.name in ("tvc", "yc2c") else "answers"
+                    key = "refs" if task_entry(spec.name).kind == "caption" else "answers"
                     gold[key][q] = list(batch["targets"][k]) if key == "refs" else batch["targets"][k][0]
     return {"predictions": preds, "gold": gold}
 
@@ -121,7 +122,7 @@ def score_task(task: str, result: dict[str, Any], vqa_annotations=None,
         return {"accuracy": s["accuracy"], "consistency": s["consistency"]}
     if task == "caption":
         return dict(M.caption_scores(preds, gold["refs"], metrics=caption_metrics))
-    if task in ("tvqa", "how2qa", "tvc", "yc2c"):
+    if is_video_task(task):
         from ..data.video import score_video_task
 
         return score_video_task(task, result, caption_metrics)

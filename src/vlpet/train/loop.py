@@ -33,6 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, load_trainable, save_adapter
+from ..data.tasks import TASKS as IMAGE_TASKS
+from ..data.tasks import task_modality
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..backbones.attention import preferred_attention
 from ..frozen_precision import apply_frozen_dtype, resolve_frozen_dtype
@@ -43,8 +45,6 @@ from .losses import task_loss_terms
 from .optim import LR_SCHEDULES, build_optimizer, build_scheduler
 
 STATE_NAME = "trainer_state.pt"
-IMAGE_TASKS = ("vqa", "gqa", "nlvr", "caption")
-VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")  # spec §3.9: VALUE layout, 64 frame tokens, batch 50 each
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings that may differ between an interrupted run and its resumption (a moved run folder resumes too).
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "num_workers", "eval_test", "debug", "output"}
@@ -128,11 +128,7 @@ class TrainConfig:
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
         self.tasks = tuple(self.tasks)
-        video = [t for t in self.tasks if str(t).lower() in VIDEO_TASKS + ("youcook2",)]
-        if video and len(video) != len(self.tasks):  # refused before the run folder is created
-            raise ConfigError(f"--tasks mixes image-text ({','.join(t for t in self.tasks if t not in video)}) and "
-                              f"video-text ({','.join(video)}) tasks; they need different visual features, presets "
-                              f"and batch sizes (spec §3.9, §4.5): train them in separate runs")
+        task_modality(self.tasks)  # one modality per run, refused before the run folder is created
 
 
 def _rng_state() -> dict:
@@ -240,13 +236,7 @@ class Trainer:
         from ..data.layout import VLAdapterLayout, resolve_data_root
 
         VLAdapterLayout(resolve_data_root(cfg.data_root))  # an existing data root, before the backbone is loaded
-        video = [t for t in self.tasks if t in VIDEO_TASKS]
-        if video and len(video) != len(self.tasks):
-            image = [t for t in self.tasks if t not in VIDEO_TASKS]
-            raise ConfigError(f"--tasks mixes image-text ({','.join(image)}) and video-text ({','.join(video)}) tasks; "
-                              f"they need different visual features, presets and batch sizes (spec §3.9, §4.5): "
-                              f"train them in separate runs")
-        self.video = bool(video)
+        self.video = task_modality(self.tasks) == "video"
         self.mask_padded_frames = cfg.mask_padded_frames is not False
         self.tokenizer = load_tokenizer(cfg.backbone, required=True)
         seed_everything(cfg.seed)

@@ -9,12 +9,11 @@ import torch
 
 from ..backbones.attention import preferred_attention
 from ..checkpoint import CONFIG_NAME, atomic_write_bytes, atomic_write_json
+from ..data.tasks import TASKS as ALL_TASKS
+from ..data.tasks import VIDEO_TASKS, is_video_task, task_names
 from ..errors import CheckpointError, ConfigError
 from ..frozen_precision import apply_frozen_dtype
 from .evaluate import evaluate_model, predict_task, table_row
-
-ALL_TASKS = ("vqa", "gqa", "nlvr", "caption")
-VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
 
 
 def _is_video_adapter(folder: Path) -> bool:
@@ -109,16 +108,17 @@ def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbon
             lines = lines or [header]
             lines.append(row)
         results[label] = entry
-    notes = [f"{label}: " + ", ".join(f"{t.upper()} {r['scores'][t]['single_ref/CIDEr']:.2f}" for t in ("tvc", "yc2c")
+    video_captions = task_names("video", "caption")
+    notes = [f"{label}: " + ", ".join(f"{t.upper()} {r['scores'][t]['single_ref/CIDEr']:.2f}" for t in video_captions
                                       if "single_ref/CIDEr" in r["scores"].get(t, {}))
-             for label, r in results.items() if any("single_ref/CIDEr" in r["scores"].get(t, {}) for t in ("tvc", "yc2c"))]
+             for label, r in results.items() if any("single_ref/CIDEr" in r["scores"].get(t, {}) for t in video_captions)]
     if lines and notes:  # video captioning: say which CIDEr the table holds
         lines += ["", "TVC / YC2C columns: CIDEr of one prediction per clip against all of the clip's descriptions "
                       "(multi_ref/CIDEr). The official validation's single-reference CIDEr (single_ref/CIDEr): "
                   + "; ".join(notes) + "."]
     if not any(r["scores"] for r in results.values()):
         hint = (" with labels (VALUE's test files have none: use --split val, or `vlpet predict` for submission "
-                "files)") if any(t in VIDEO_TASKS for t in tasks) else ""
+                "files)") if any(is_video_task(t) for t in tasks) else ""
         raise ConfigError(f"--data-root {data_root}: none of the tasks {', '.join(tasks)} has a {split!r} split "
                           f"there{hint}")
     out = Path(output) if output else Path(checkpoint) / f"eval-{split}.json"
@@ -150,7 +150,7 @@ def predict_checkpoint(checkpoint, data_root, task, output, split="test", backbo
         result = predict_task(model, loader, spec, model.tokenizer, dev, precision, progress=progress)
     preds = result["predictions"]
     out = Path(output)
-    if task in VIDEO_TASKS:  # VALUE's submission format; a folder gets VALUE's file name
+    if is_video_task(task):  # VALUE's submission format; a folder gets VALUE's file name
         from ..data.video import value_prediction_filename, write_value_predictions
 
         if out.is_dir():
