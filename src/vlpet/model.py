@@ -87,7 +87,8 @@ class VLModel(nn.Module):
         if getattr(tcfg, "decoder_start_token_id", None) is None:  # T5 convention: start with pad
             tcfg.decoder_start_token_id = tcfg.pad_token_id
 
-        with fork_rng(seed, enabled=not meta):
+        # on a meta backbone (parameter counting) the new modules are meta too: no allocation, no init
+        with fork_rng(seed, enabled=not meta), (torch.device("meta") if meta else contextlib.nullcontext()):
             self.original_vocab_rows = backbone.get_input_embeddings().num_embeddings
             if not self.native_inputs:  # the 200 VL rows belong to the VL-BART input path only
                 rows = vocab_rows or vocab_size_after_extension(backbone_name, backbone, tokenizer)
