@@ -180,6 +180,22 @@ def test_causal_small_reads_only_the_prefix(folders):
         torch.testing.assert_close(first[k], second[k], rtol=0, atol=0)
 
 
+def test_causal_small_ignores_padding(folders):
+    """An example's G_small is the same left-padded in a batch as alone without padding (the prefix mean
+    excludes padding; RoPE positions only shift)."""
+    ids, mask, labels, kw = batch("llava")
+    model = VLModel.build(str(folders["llava"]), "vl-pet-small")
+    perturb(model)
+    model.record_gates(True)
+    model(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+    padded = {k: v[0] for k, v in model.gate_values().items()}
+    model(input_ids=ids[:1, 2:], attention_mask=mask[:1, 2:], labels=labels[:1],
+          pixel_values=kw["pixel_values"][:1])
+    alone = {k: v[0] for k, v in model.gate_values().items()}
+    for k in padded:
+        torch.testing.assert_close(padded[k], alone[k], rtol=0, atol=1e-6)
+
+
 def test_prefix_value_adapter_only_touches_prefix_positions():
     """The 'prefix' value adapter adds ΔV at the image + prompt positions and nothing after them."""
     from vlpet.methods.adapter import Bottleneck
