@@ -263,6 +263,11 @@ def _family_inputs(arch, config, ids, n_prefix, kwargs):
 def forward(model, input_ids, attention_mask, labels, return_loss, kwargs):
     """Teacher-forced [prompt ; answer[:-1]]: returns the logits that predict the answer, [B, T, V]."""
     mask = _check_prompt(input_ids, attention_mask)
+    if model.training and getattr(model.backbone, "is_gradient_checkpointing", False) \
+            and any(isinstance(m, _Bound) for m in model.backbone.modules()):
+        # the recomputation in backward would run after the prefix state is cleared (another G_small)
+        raise ConfigError("gradient checkpointing is not supported with the causal G_small or the prefix-only "
+                          "value adapter; use another granularity / value_positions='all', or no checkpointing")
     n = input_ids.shape[1]
     if labels is None:  # a prompt-only pass: next-token logits after the prompt
         answer = input_ids[:, :0]
