@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                       # the whole matrix on the GPU
     python benchmarks/train_step.py --baselines           # + plain transformers reference rows
     python benchmarks/train_step.py --device cpu --tiny   # CPU smoke test of the same code path
+    python benchmarks/train_step.py --backbones florence2-large,blip2-flan-t5-xl   # VLMs: vlm_train_step.py
     python benchmarks/train_step.py --backbones smolvlm-2b,llava-1.5-7b   # decoder-only VLMs (issue 20):
         # vl-pet-large against plain-peft-lora, bf16 (benchmarks/_decoder_only_bench.py)
 
@@ -544,7 +545,7 @@ def parse_args(argv=None):
         return args
     for b in args.backbones:
         if b not in B.PAPER_BATCH:
-            p.error(f"--backbones: {b!r} is not one of {', '.join(B.PAPER_BATCH + DO.BACKBONES)}")
+            p.error(f"--backbones: {b!r} is not one of {', '.join((*B.PAPER_BATCH, *DO.BACKBONES))}")
     for m in args.methods:
         if m != "floor" and m not in PLAIN:
             B.method_config(m, "bart-base")  # raises ConfigError naming the allowed presets
@@ -555,6 +556,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _names_vlm(argv):  # Florence-2 / BLIP-2 (issue 18): their own matrix, images in, PEFT LoRA reference
+        import vlm_train_step
+
+        return vlm_train_step.main(argv)
     args = parse_args(argv)
     device = B.pick_device(args.device)
     B.cpu_threads_for_tiny(device, args.tiny)
@@ -587,6 +593,17 @@ def main(argv=None) -> int:
     writer.write(data)
     print(markdown(data))
     return 0
+
+
+def _names_vlm(argv: list[str]) -> bool:
+    from vlm_train_step import VLM_BACKBONES
+
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--backbones" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--backbones=") else None)
+        if value and any(b in VLM_BACKBONES for b in value.split(",")):
+            return True
+    return False
 
 
 if __name__ == "__main__":

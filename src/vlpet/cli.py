@@ -35,8 +35,9 @@ def _tasks(text: str) -> tuple[str, ...]:
 
 def _add_common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="bart-base",
-                   help="built-in offline architecture (bart-base, t5-base: random weights), a Hugging Face id "
-                        "(facebook/bart-base, t5-base) or a local folder")
+                   help="built-in offline architecture (bart-base, t5-base, florence2-base, florence2-large, "
+                        "blip2-flan-t5-xl: random weights), a Hugging Face id (facebook/bart-base, "
+                        "florence-community/Florence-2-base, Salesforce/blip2-flan-t5-xl) or a local folder")
     p.add_argument("--method", "--recipe", dest="method", default="vl-pet-large",
                    help="preset name (see `vlpet presets`)")
 
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the named recipes with their Params % (paper vs vlpet)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--backbones", default=None,
+                   help="comma-separated backbones to tabulate instead of the paper's (e.g. florence2-base,"
+                        "florence2-large,blip2-flan-t5-xl: Params %% of every preset there, offline)")
 
     # train
     p = sub.add_parser("train", help="train a preset with the paper's multitask recipe")
@@ -226,6 +230,8 @@ def cmd_presets(a) -> int:
     from .model import VLModel
     from .presets import PAPER_PARAMS_PERCENT, PRESETS, get_preset
 
+    if a.backbones:
+        return _presets_on(a, [b.strip() for b in a.backbones.split(",") if b.strip()])
     rows = []
     for name in PRESETS:
         row = {"preset": name, "description": get_preset(name).description}
@@ -243,6 +249,29 @@ def cmd_presets(a) -> int:
         fmt = lambda v, p: f"{v:.2f} ({p:.2f})" if p is not None else f"{v:.2f} (-)"  # noqa: E731
         print(f"| {r['preset']} | {fmt(r['bart_percent'], r['bart_paper'])} | {fmt(r['t5_percent'], r['t5_paper'])} "
               f"| {r['description']} |")
+    return 0
+
+
+def _presets_on(a, backbones: list[str]) -> int:
+    """Params % of every preset on the given backbones (meta device: no weights, no network for built-ins)."""
+    from .model import VLModel
+    from .presets import PRESETS
+
+    rows = []
+    for name in PRESETS:
+        row = {"preset": name}
+        for bb in backbones:
+            model = VLModel.build(bb, name, meta=True, load_tok=False)
+            t, n = model.parameter_counts()
+            row[bb] = {"trainable": t, "total": n, "percent": 100 * t / n}
+        rows.append(row)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print("| preset | " + " | ".join(backbones) + " |")
+    print("|---|" + "---|" * len(backbones))
+    for r in rows:
+        print(f"| {r['preset']} | " + " | ".join(f"{r[bb]['percent']:.2f}" for bb in backbones) + " |")
     return 0
 
 
