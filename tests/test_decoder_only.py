@@ -366,3 +366,51 @@ def test_errors_name_what_is_wrong(folders):
 
         arch_for(cfg.model_type, cfg)
     assert gemma2 is not None
+
+
+# -- training through transformers' Trainer; the gate's X ---------------------------------------------
+
+@pytest.mark.parametrize("positions", decoder_only.VALUE_POSITIONS)
+def test_trainer_trains_a_wrapped_llava(folders, tmp_path, positions):
+    """get_vlpet_model + transformers Trainer (the issue-18 training path) on a tiny LLaVA: the loss falls
+    over 8 steps on one batch and no frozen tensor moves (for both value-adapter positions)."""
+    from transformers import Trainer, TrainingArguments
+
+    method = decoder_only.decoder_preset("vl-pet-large", 32, value_positions=positions)
+    model = get_vlpet_model(hf_class("llava").from_pretrained(folders["llava"]), method)
+    ids, mask, labels, kw = batch("llava", b=4)
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "pixel_values": kw["pixel_values"][i],
+             "labels": labels[i]} for i in range(4)]
+
+    def collate(items):
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=8,
+                             learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                             remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.1
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_gate_reads_the_residual_stream_before_the_norm(folders):
+    """Pre-LN: the gate's X is the input of the sub-layer's RMSNorm (self-attention: input_layernorm, MLP:
+    post_attention_layernorm), not the normed tensor the sub-layer reads."""
+    ids, mask, labels, kw = batch("llava")
+    model = VLModel.build(str(folders["llava"]), "vl-pet-middlex")
+    perturb(model)
+    layer = model.backbone.model.language_model.layers[1]
+    seen, norm_in = {}, {}
+    for name in ("self_attn", "mlp"):
+        gate = getattr(layer, name).pet.gate
+        gate.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0].detach()))
+    for name, norm in (("self_attn", layer.input_layernorm), ("mlp", layer.post_attention_layernorm)):
+        norm.base_layer.register_forward_hook(
+            lambda m, args, out, name=name: norm_in.__setitem__(name, (args[0].detach(), out.detach())))
+    model(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+    for name in ("self_attn", "mlp"):
+        torch.testing.assert_close(seen[name], norm_in[name][0], rtol=0, atol=0)
+        assert not torch.allclose(seen[name], norm_in[name][1])

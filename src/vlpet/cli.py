@@ -255,13 +255,18 @@ def cmd_presets(a) -> int:
 def _presets_on(a, backbones: list[str]) -> int:
     """Params % of every preset on the given backbones (meta device: no weights, no network for built-ins)."""
     from .model import VLModel
+    from .errors import ConfigError
     from .presets import PRESETS
 
     rows = []
     for name in PRESETS:
         row = {"preset": name}
         for bb in backbones:
-            model = VLModel.build(bb, name, meta=True, load_tok=False)
+            try:
+                model = VLModel.build(bb, name, meta=True, load_tok=False)
+            except ConfigError:  # a preset not offered on this backbone (decoder-only VLMs, issue 20)
+                row[bb] = None
+                continue
             t, n = model.parameter_counts()
             row[bb] = {"trainable": t, "total": n, "percent": 100 * t / n}
         rows.append(row)
@@ -271,7 +276,8 @@ def _presets_on(a, backbones: list[str]) -> int:
     print("| preset | " + " | ".join(backbones) + " |")
     print("|---|" + "---|" * len(backbones))
     for r in rows:
-        print(f"| {r['preset']} | " + " | ".join(f"{r[bb]['percent']:.2f}" for bb in backbones) + " |")
+        print(f"| {r['preset']} | " + " | ".join("-" if r[bb] is None else f"{r[bb]['percent']:.2f}"
+                                                for bb in backbones) + " |")
     return 0
 
 
