@@ -348,6 +348,10 @@ def test_errors_name_what_is_wrong(folders):
     right[0, -2:] = 0
     with pytest.raises(ShapeError, match="left-padded"):
         model(input_ids=ids, attention_mask=right, labels=labels, **kw)
+    model.backbone.activation_checkpointing_enable()
+    model.train()
+    with pytest.raises(ConfigError, match="gradient checkpointing"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, **kw)
     with pytest.raises(ConfigError, match="not offered on decoder-only"):
         VLModel.build(str(folders["llava"]), "prompt")
     with pytest.raises(ConfigError, match="value_positions"):

@@ -260,11 +260,16 @@ def _family_inputs(arch, config, ids, n_prefix, kwargs):
     return kw
 
 
+def _checkpointing(backbone) -> bool:
+    name = "is_activation_checkpointing" if hasattr(type(backbone), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"  # renamed in transformers 5.x
+    return bool(getattr(backbone, name, False))
+
+
 def forward(model, input_ids, attention_mask, labels, return_loss, kwargs):
     """Teacher-forced [prompt ; answer[:-1]]: returns the logits that predict the answer, [B, T, V]."""
     mask = _check_prompt(input_ids, attention_mask)
-    if model.training and getattr(model.backbone, "is_gradient_checkpointing", False) \
-            and any(isinstance(m, _Bound) for m in model.backbone.modules()):
+    if model.training and _checkpointing(model.backbone) and any(isinstance(m, _Bound) for m in model.backbone.modules()):
         # the recomputation in backward would run after the prefix state is cleared (another G_small)
         raise ConfigError("gradient checkpointing is not supported with the causal G_small or the prefix-only "
                           "value adapter; use another granularity / value_positions='all', or no checkpointing")
