@@ -178,6 +178,10 @@ def test_causal_small_reads_only_the_prefix(folders):
     for k in first:
         assert first[k].shape == (2, 1, 1)
         torch.testing.assert_close(first[k], second[k], rtol=0, atol=0)
+    # beam search expands the batch before the prefix pass: the prefix mask follows it
+    model.record_gates(False)
+    beams = model.generate(ids, mask, max_new_tokens=3, **dict(GEN, num_beams=3), **kw)
+    assert beams.shape == (2, 3)
 
 
 def test_causal_small_ignores_padding(folders):
