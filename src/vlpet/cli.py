@@ -36,8 +36,9 @@ def _tasks(text: str) -> tuple[str, ...]:
 def _add_common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="bart-base",
                    help="built-in offline architecture (bart-base, t5-base, florence2-base, florence2-large, "
-                        "blip2-flan-t5-xl: random weights), a Hugging Face id (facebook/bart-base, "
-                        "florence-community/Florence-2-base, Salesforce/blip2-flan-t5-xl) or a local folder")
+                        "blip2-flan-t5-xl, smolvlm-2b, llava-1.5-7b: random weights), a Hugging Face id "
+                        "(facebook/bart-base, florence-community/Florence-2-base, Salesforce/blip2-flan-t5-xl, "
+                        "llava-hf/llava-1.5-7b-hf) or a local folder")
     p.add_argument("--method", "--recipe", dest="method", default="vl-pet-large",
                    help="preset name (see `vlpet presets`)")
 
