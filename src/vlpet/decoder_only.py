@@ -27,7 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import ConfigError, ShapeError
 from .granularity import Gate, GateOptions, paper_granularities, register_gate
-from .method import LoraSpec, MethodConfig, ModuleSpec
+from .method import VALUE_POSITIONS, LoraSpec, MethodConfig, ModuleSpec
 from .methods.adapter import ParallelLinear
 
 # -- the prefix state one VLModel call shares with its gates and value adapters ----------------------
@@ -99,9 +99,6 @@ class CausalSmallGate(_Bound, Gate):
     def zero_init(self):
         self.proj.weight.zero_()
         self.proj.bias.zero_()
-
-
-VALUE_POSITIONS = ("all", "prefix")
 
 
 class PrefixParallelLinear(_Bound, ParallelLinear):
