@@ -280,6 +280,10 @@ def run(args) -> dict:
                 chosen = b
                 break
         data["results"][name] = {"batch": chosen, "image_size": size, "methods": rows if chosen else {}}
+        if args.tiny:
+            import shutil
+
+            shutil.rmtree(source, ignore_errors=True)  # the temporary tiny model folder
         if chosen:
             def r(a, c, key):
                 x, y = rows.get(a, {}).get(key), rows.get(c, {}).get(key)

@@ -524,3 +524,34 @@ def test_generate_disabled_equals_the_vlms_own_generate(vlm_folders, kind):
     assert all(torch.equal(a, b) for a, b in zip(got.scores, ref.scores))
     tuned = model.generate(**kw, **settings)
     assert not all(torch.equal(a, b) for a, b in zip(tuned.scores, ref.scores))
+
+
+@pytest.mark.parametrize("kind", ("blip2", "instructblip"))
+def test_frozen_vision_part_has_no_dropout_in_training(vlm_folders, kind):
+    """In train mode the frozen vision tower / Q-Former stay in eval mode (the tiny Q-Former has dropout 0.1), so a
+    training forward from pixels equals one from cached features under the same RNG state."""
+    model = VLModel.build(vlm_folders[kind], "vl-pet-large")
+    assert not model.backbone.qformer.training
+    model.train()
+    assert model.training and not model.backbone.qformer.training and model.language_model.training
+    kw, labels = batch(kind)
+    feats = model.frozen_image_features(kw["pixel_values"])
+    assert model.training and not model.backbone.vision_model.training
+    pixels = {k: v for k, v in kw.items() if k != "pixel_values"}
+    torch.manual_seed(3)
+    a = model(**kw, labels=labels).logits
+    torch.manual_seed(3)
+    b = model(**pixels, image_features=feats, labels=labels).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_hub_ids_are_not_taken_for_folders():
+    """"owner/name" is a Hugging Face id (offline here: a one-line load error), "./a/b" a missing folder."""
+    from vlpet.backbones.loading import load_backbone
+
+    with pytest.raises(ConfigError) as ei:
+        load_backbone("florence-community/Florence-2-base")
+    assert "could not load backbone 'florence-community/Florence-2-base'" in str(ei.value)
+    assert "\n" not in str(ei.value)
+    with pytest.raises(ConfigError, match="folder './no/such' does not exist"):
+        load_backbone("./no/such")

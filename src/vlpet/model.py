@@ -132,6 +132,7 @@ class VLModel(nn.Module):
                 decoder_only.mark_prefix_read(self._prefix_state))
         self._set_neutral_generation_config()
         self.configure_trainable()
+        self._frozen_vision_eval()  # other modules keep the mode the model came in (as PEFT does)
         # The frozen backbone values of the trainable backbone tensors (norms, biases, projector): the
         # disable context puts them back, so that it gives the plain model's outputs (CPU copies, not state).
         self._base_values = {} if meta or "all" in method.trainable else {
@@ -262,6 +263,19 @@ class VLModel(nn.Module):
                     p.requires_grad_(True)
         for m in self._pet_modules:
             m.requires_grad_(True)
+
+    def train(self, mode: bool = True):
+        """A frozen vision part (and Q-Former) runs in eval mode even while training: no dropout / drop-path in
+        it, so that its features are the deterministic ones `frozen_image_features` caches."""
+        super().train(mode)
+        self._frozen_vision_eval()
+        return self
+
+    def _frozen_vision_eval(self) -> None:
+        for path in self.arch.vision_parts if self.native_inputs else ():
+            part = _part(self.backbone, path)
+            if isinstance(part, nn.Module) and not any(p.requires_grad for p in part.parameters()):
+                part.eval()
 
     def _pet_parameter_ids(self) -> set[int]:
         return {id(p) for m in self._pet_modules for p in m.parameters()}

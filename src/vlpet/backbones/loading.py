@@ -60,7 +60,10 @@ def builtin_config(name: str):
 
 
 def _is_local(name: str) -> bool:
-    return os.path.sep in name or name.startswith(".") or Path(name).exists()
+    """A folder path, not a hub id: hub ids are "name" or "owner/name" (one slash, no leading . / ~)."""
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        return True
+    return name.count("/") > 1 or (os.path.sep != "/" and os.path.sep in name)
 
 
 def _model_class(config):
@@ -112,7 +115,7 @@ def load_backbone(name_or_path: str, *, seed: int = 0, meta: bool = False, dtype
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(
-            f"could not load backbone {name_or_path!r} as a Hugging Face seq2seq model ({type(exc).__name__}: "
+            f"could not load backbone {name_or_path!r} as a Hugging Face seq2seq model or supported VLM ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]}); built-in offline names: {', '.join(BUILTIN_BACKBONES)}"
         ) from exc
 
