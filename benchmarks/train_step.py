@@ -4,6 +4,8 @@
     python benchmarks/train_step.py --baselines           # + plain transformers reference rows
     python benchmarks/train_step.py --device cpu --tiny   # CPU smoke test of the same code path
     python benchmarks/train_step.py --backbones florence2-large,blip2-flan-t5-xl   # VLMs: vlm_train_step.py
+    python benchmarks/train_step.py --backbones smolvlm-2b,llava-1.5-7b   # decoder-only VLMs (issue 20):
+        # vl-pet-large against plain-peft-lora, bf16 (benchmarks/_decoder_only_bench.py)
 
 One step = forward (autocast for bf16), cross-entropy over the 10 target tokens
 (vlpet.train.losses.task_loss), backward, clip_grad_norm_(5.0) over the trainable tensors, AdamW step
@@ -32,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench as B  # noqa: E402
+import _decoder_only_bench as DO  # noqa: E402
 
 DEFAULT_METHODS = ("floor", "full", "lora", "vl-adapter", "vl-pet-small", "vl-pet-middlex", "vl-pet-middley",
                    "vl-pet-large")
@@ -578,9 +581,23 @@ def parse_args(argv=None):
         args.profile = "bart-base:vl-pet-large:bf16"
     if args.tiny and args.profile:
         args.profile_steps = min(args.profile_steps, 2)
+    decoder = [b for b in args.backbones if b in DO.BACKBONES]
+    if decoder:  # decoder-only VLMs (issue 20): their own matrix, _decoder_only_bench.py
+        if len(decoder) != len(args.backbones):
+            p.error(f"--backbones: decoder-only names ({', '.join(DO.BACKBONES)}) run alone, not with "
+                    f"{', '.join(b for b in args.backbones if b not in DO.BACKBONES)}")
+        if "--methods" not in (argv if argv is not None else sys.argv):
+            args.methods = ["vl-pet-large", "plain-peft-lora"]
+        from vlpet.decoder_only import DECODER_PRESETS
+
+        for m in args.methods:
+            if m not in DECODER_PRESETS and m != "plain-peft-lora":
+                p.error(f"--methods: {m!r} is not offered on decoder-only VLMs; allowed: "
+                        f"{', '.join(DECODER_PRESETS)}, plain-peft-lora")
+        return args
     for b in args.backbones:
         if b not in B.PAPER_BATCH:
-            p.error(f"--backbones: {b!r} is not one of {', '.join(B.PAPER_BATCH)}")
+            p.error(f"--backbones: {b!r} is not one of {', '.join((*B.PAPER_BATCH, *DO.BACKBONES))}")
     for m in args.methods:
         m = split_rc(m)[0]
         if m != "floor" and m not in PLAIN:
@@ -617,7 +634,9 @@ def main(argv=None) -> int:
     writer = B.ResultWriter("train_step", env, folders, tag=("-tiny" if args.tiny else "") + args.tag)
     B.log(f"device {env['card']} · torch {env['torch']} · transformers {env['transformers']} · commit "
           f"{env['commit']} · writing {', '.join(map(str, writer.paths)) or 'nothing'}")
-    if not args.profile_only:
+    if args.backbones[0] in DO.BACKBONES:
+        DO.run(args, device, data, writer)
+    elif not args.profile_only:
         run_matrix(args, device, data, writer)
     if args.profile:
         try:

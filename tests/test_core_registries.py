@@ -53,7 +53,9 @@ def toy_pets(model):
 
 
 def test_builtin_granularities_are_registered_in_order():
-    assert gate_kinds() == ("none", "small", "middlex", "middley", "large")
+    import vlpet.decoder_only  # noqa: F401  registers the causal G_small of decoder-only VLMs (issue 20)
+
+    assert gate_kinds() == ("none", "small", "middlex", "middley", "large", "causal_small")
     assert paper_granularities() == ("small", "middlex", "middley", "large")
     assert GateOptions(kind="none") and GATES["none"].build(32, GateOptions()) is None  # G ≡ 1: nothing placed
 

@@ -25,6 +25,8 @@ CASES = {
     "middley-sigmoid": ("vl-pet-middley", {"gate": {"middley_sigmoid": True}}),
     "small": ("vl-pet-small", None),
     "small-masked": ("vl-pet-small", {"gate": {"masked_mean": True}}),
+    # the decoder-only G_small; on an encoder-decoder (no prefix state) it is the mean of this call's tokens
+    "causal-small": ("vl-pet-small", {"gate": {"kind": "causal_small"}}),
     "large-parallel": ("vl-pet-large", {"mode": "parallel"}),
     "large-scale-delta-only": ("vl-pet-large", {"scale_delta_only": True}),
     "compacter": ("compacter-g-small-lw", None),

@@ -346,7 +346,8 @@ def test_trainer_trains_a_wrapped_florence2(vlm_folders, tmp_path):
 def test_unsupported_vlms_are_one_line_errors(tmp_path):
     from transformers import Blip2Config, LlavaConfig
 
-    LlavaConfig(text_config={"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+    # LLaVA itself is supported since issue 20; with a Gemma-2 LM (extra norms per sub-layer) it is not
+    LlavaConfig(text_config={"model_type": "gemma2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
                              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2},
                 vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
                                "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32,
@@ -355,7 +356,7 @@ def test_unsupported_vlms_are_one_line_errors(tmp_path):
     cfg["text_config"] = {"model_type": "opt", "vocab_size": 64, "hidden_size": 32, "ffn_dim": 64,
                           "num_hidden_layers": 1, "num_attention_heads": 2, "word_embed_proj_dim": 32}
     Blip2Config(**cfg).save_pretrained(tmp_path / "blip2-opt")
-    for name, words in (("llava", ["'llava'"]), ("blip2-opt", ["'blip-2'", "'opt'"])):
+    for name, words in (("llava", ["'llava'", "'gemma2'"]), ("blip2-opt", ["'blip-2'", "'opt'"])):
         with pytest.raises(ConfigError) as ei:
             VLModel.build(str(tmp_path / name), "vl-pet-large")
         msg = str(ei.value)

@@ -36,8 +36,9 @@ def _tasks(text: str) -> tuple[str, ...]:
 def _add_common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="bart-base",
                    help="built-in offline architecture (bart-base, t5-base, florence2-base, florence2-large, "
-                        "blip2-flan-t5-xl: random weights), a Hugging Face id (facebook/bart-base, "
-                        "florence-community/Florence-2-base, Salesforce/blip2-flan-t5-xl) or a local folder")
+                        "blip2-flan-t5-xl, smolvlm-2b, llava-1.5-7b: random weights), a Hugging Face id "
+                        "(facebook/bart-base, florence-community/Florence-2-base, Salesforce/blip2-flan-t5-xl, "
+                        "llava-hf/llava-1.5-7b-hf) or a local folder")
     p.add_argument("--method", "--recipe", dest="method", default="vl-pet-large",
                    help="preset name (see `vlpet presets`)")
 
@@ -277,13 +278,18 @@ def cmd_presets(a) -> int:
 def _presets_on(a, backbones: list[str]) -> int:
     """Params % of every preset on the given backbones (meta device: no weights, no network for built-ins)."""
     from .model import VLModel
+    from .errors import ConfigError
     from .presets import PRESETS
 
     rows = []
     for name in PRESETS:
         row = {"preset": name}
         for bb in backbones:
-            model = VLModel.build(bb, name, meta=True, load_tok=False)
+            try:
+                model = VLModel.build(bb, name, meta=True, load_tok=False)
+            except ConfigError:  # a preset not offered on this backbone (decoder-only VLMs, issue 20)
+                row[bb] = None
+                continue
             t, n = model.parameter_counts()
             row[bb] = {"trainable": t, "total": n, "percent": 100 * t / n}
         rows.append(row)
@@ -293,7 +299,8 @@ def _presets_on(a, backbones: list[str]) -> int:
     print("| preset | " + " | ".join(backbones) + " |")
     print("|---|" + "---|" * len(backbones))
     for r in rows:
-        print(f"| {r['preset']} | " + " | ".join(f"{r[bb]['percent']:.2f}" for bb in backbones) + " |")
+        print(f"| {r['preset']} | " + " | ".join("-" if r[bb] is None else f"{r[bb]['percent']:.2f}"
+                                                for bb in backbones) + " |")
     return 0
 
 

@@ -21,6 +21,7 @@ PROJECTION_PLACEMENTS = tuple(f"{s}.{p}" for s in ("encoder.self_attn", "decoder
                               for p in "qkvo")
 TRAINABLE_EXTRAS = ("visual_embedding", "encoder_layer_norms", "all_layer_norms", "biases", "all")
 ZERO_INITS = ("up", "gate")
+VALUE_POSITIONS = ("all", "prefix")
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,13 @@ class ModuleSpec:
     scale: float = 1.0
     scale_delta_only: bool = False
     zero_init: tuple[str, ...] = ()
+    # A parallel module on a projection: "all" positions, or "prefix" = only the image + prompt positions
+    # of a decoder-only LM (its self-attention value adapter, vlpet.decoder_only).
+    positions: str = "all"
 
     def __post_init__(self):
         _check_choice("modification", self.modification, MODIFICATIONS)
+        _check_choice("positions", self.positions, VALUE_POSITIONS)
         _check_choice("mode", self.mode, MODES)
         for p in self.placements:
             _check_choice("placements", p, SUBLAYER_PLACEMENTS + PROJECTION_PLACEMENTS)

@@ -29,6 +29,7 @@ from .backbones.arch import ArchSpec, arch_for
 from .backbones.head import AlignedLMHead
 from .backbones.joint import JointContext, TextOnlyNorm, TextOnlyPositions, TextOnlyRelativeBias
 from .backbones import vlm
+from . import decoder_only
 from .backbones.loading import load_backbone, load_processor, load_tokenizer, vocab_size_after_extension
 from .backbones.norms import BiasedNorm, is_norm
 from .backbones.visual import VisualEmbedding, pool_grid
@@ -84,13 +85,14 @@ class VLModel(nn.Module):
         self.tokenizer = tokenizer
         self.seed = seed
         tcfg = vlm.text_config(cfg)
-        self.d_model = tcfg.d_model
+        self.d_model = vlm.lm_width(cfg)
         self.ctx = JointContext()
         meta = next(backbone.parameters()).device.type == "meta"
         if getattr(tcfg, "decoder_start_token_id", None) is None:  # T5 convention: start with pad
             tcfg.decoder_start_token_id = tcfg.pad_token_id
 
-        with fork_rng(seed, enabled=not meta):
+        # on a meta backbone (parameter counting) the new modules are meta too: no allocation, no init
+        with fork_rng(seed, enabled=not meta), (torch.device("meta") if meta else contextlib.nullcontext()):
             self.original_vocab_rows = backbone.get_input_embeddings().num_embeddings
             if not self.native_inputs:  # the 200 VL rows belong to the VL-BART input path only
                 rows = vocab_rows or vocab_size_after_extension(backbone_name, backbone, tokenizer)
@@ -107,6 +109,8 @@ class VLModel(nn.Module):
                 self.visual_embedding = VisualEmbedding(visual.feat_dim, self.d_model, self.arch.norm,
                                                         self.arch.norm_eps, n_images=visual.n_images)
                 new_modules.append(self.visual_embedding)
+            if self.arch.decoder_only:
+                decoder_only.check_method(method)
             created = place_modules(self.backbone, self.arch, method, self.ctx, self.d_model)
             new_modules += [m for m, _ in created]
             self.prompt = EncoderPrompt(self.d_model, method.prompt.length, method.prompt.mid_dim) \
@@ -125,6 +129,11 @@ class VLModel(nn.Module):
             if method.add_biases:
                 _add_zero_biases(self.language_model if self.native_inputs else self)
         self._pet_modules = [m for m in new_modules if m is not self.visual_embedding] + lora_modules
+        if self.arch.decoder_only:  # the prefix the causal G_small and the value adapter read (issue 20)
+            self._prefix_state = decoder_only.PrefixState()
+            decoder_only.bind(self.backbone, self._prefix_state)
+            get_module(self.backbone, self.arch.encoder).register_forward_hook(
+                decoder_only.mark_prefix_read(self._prefix_state))
         self._set_neutral_generation_config()
         self.configure_trainable()
         self._frozen_vision_eval()  # other modules keep the mode the model came in (as PEFT does)
@@ -144,7 +153,7 @@ class VLModel(nn.Module):
         arch = arch_for(model.config.model_type, model.config)
         if arch.image_path:
             if isinstance(method, str):  # module sizes scale with the language model's width (issue 18)
-                method = get_preset(method, arch.family, d_model=vlm.text_config(model.config).d_model)
+                method = get_preset(method, arch.family, d_model=vlm.lm_width(model.config))
             processor = load_processor(backbone) if load_tok and not meta else None
             return cls(model, method, None, backbone_name=backbone, tokenizer=tokenizer, seed=seed,
                        processor=processor)
@@ -406,6 +415,8 @@ class VLModel(nn.Module):
                              f"reads precomputed features through vis_feats=")
         if not self.arch.image_path:
             raise ShapeError(f"{what}: {self.backbone_name!r} is a text-only seq2seq model; it takes no images")
+        if self.arch.decoder_only:
+            raise ShapeError(f"{what} is not offered for decoder-only VLMs ({self.arch.name}); pass pixel_values")
 
     @torch.no_grad()
     def frozen_image_features(self, pixel_values: torch.Tensor, **kw) -> torch.Tensor:
@@ -519,6 +530,14 @@ class VLModel(nn.Module):
         # A teacher-forced forward needs no KV cache; building one costs time, and in transformers 5.17 its
         # constructor (a config deepcopy) breaks torch.compile's graph. Generation passes its own.
         kwargs.setdefault("use_cache", False)
+        if self.arch.decoder_only:  # [prompt ; answer] through the decoder-only VLM's own forward (issue 20)
+            if vis_feats is not None or image_features is not None:
+                raise ShapeError("decoder-only VLMs take pixel_values (and their processor's image inputs); "
+                                 "vis_feats / image_features are not accepted")
+            with self.task_context(task):
+                return decoder_only.forward(self, input_ids, attention_mask, labels, return_loss,
+                                            dict(kwargs, pixel_values=pixel_values) if pixel_values is not None
+                                            else kwargs)
         if self.native_inputs:
             if vis_feats is not None:
                 raise ShapeError("vis_feats is the VL-BART feature path; this model takes pixel_values "
@@ -543,6 +562,14 @@ class VLModel(nn.Module):
         with self.task_context(task):
             return run()
 
+    def _pad_id(self) -> int:
+        c = vlm.text_config(self.backbone.config)
+        for value in (getattr(self.backbone.generation_config, "pad_token_id", None), c.pad_token_id,
+                      getattr(self.backbone.config, "pad_token_id", None), c.eos_token_id):
+            if isinstance(value, int):
+                return value
+        return 0
+
     def _shift_labels(self, labels):
         c = vlm.text_config(self._seq2seq.config)
         start = c.decoder_start_token_id if c.decoder_start_token_id is not None else c.pad_token_id
@@ -560,6 +587,11 @@ class VLModel(nn.Module):
         generation_settings.setdefault("num_beams", 1)
         generation_settings.setdefault("do_sample", False)
         with self.task_context(task):
+            if self.arch.decoder_only:
+                extra = {k: generation_settings.pop(k) for k in _DECODER_ONLY_INPUTS if k in generation_settings}
+                if pixel_values is not None:
+                    extra["pixel_values"] = pixel_values
+                return decoder_only.generate(self, input_ids, attention_mask, generation_settings, extra)
             if self.native_inputs:
                 enc, mask = self._native_encode(input_ids, attention_mask, pixel_values, image_features,
                                                 qformer_input_ids, qformer_attention_mask)
@@ -573,6 +605,8 @@ class VLModel(nn.Module):
         out = {}
         for stack in ("encoder", "decoder"):
             path = self.arch.encoder_layers if stack == "encoder" else self.arch.decoder_layers
+            if not path:  # decoder-only: one stack
+                continue
             for i, layer in enumerate(get_module(self.backbone, path)):
                 for placement, sub in self.arch.sublayers.items():
                     if not placement.startswith(stack):
@@ -598,7 +632,7 @@ class VLModel(nn.Module):
     def config_dict(self) -> dict:
         c = self.backbone.config
         enc_layers = len(get_module(self.backbone, self.arch.encoder_layers))
-        dec_layers = len(get_module(self.backbone, self.arch.decoder_layers))
+        dec_layers = len(get_module(self.backbone, self.arch.decoder_layers)) if self.arch.decoder_layers else 0
         out = {
             "format_version": FORMAT_VERSION,
             "backbone": self.backbone_name,
@@ -670,9 +704,14 @@ def get_vlpet_model(model: nn.Module, method: str | MethodConfig = "vl-pet-large
         raise ConfigError(f"get_vlpet_model expects a Hugging Face PreTrainedModel, got {type(model).__name__}")
     arch = arch_for(cfg.model_type, cfg)
     if isinstance(method, str):
-        method = get_preset(method, arch.family, d_model=vlm.text_config(cfg).d_model)
+        method = get_preset(method, arch.family, d_model=vlm.lm_width(cfg))
     return VLModel(model, method, None, backbone_name=getattr(cfg, "_name_or_path", "") or "", seed=seed,
                    native_inputs=True, processor=processor)
+
+
+# the decoder-only VLMs' own image inputs besides pixel_values (their processors return them)
+_DECODER_ONLY_INPUTS = ("image_grid_thw", "pixel_attention_mask", "token_type_ids", "mm_token_type_ids",
+                        "image_sizes")
 
 
 def _part(root: nn.Module, path: str):

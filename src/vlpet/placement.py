@@ -97,7 +97,11 @@ def make_delta(spec: ModuleSpec, d_model: int) -> nn.Module | None:
 
 
 def _layers(backbone: nn.Module, arch: ArchSpec, stack: str) -> list[nn.Module]:
-    return list(get_module(backbone, arch.encoder_layers if stack == "encoder" else arch.decoder_layers))
+    path = arch.encoder_layers if stack == "encoder" else arch.decoder_layers
+    if not path:  # decoder-only VLMs (issue 20): one stack, addressed as "encoder.*"
+        raise ConfigError(f"placement '{stack}.*': {arch.name} is a decoder-only LM with one stack of layers, "
+                          f"addressed by the 'encoder.*' placements")
+    return list(get_module(backbone, path))
 
 
 def place_modules(backbone: nn.Module, arch: ArchSpec, method: MethodConfig, ctx: JointContext,
@@ -116,12 +120,36 @@ def place_modules(backbone: nn.Module, arch: ArchSpec, method: MethodConfig, ctx
 
 
 def _place_projection(layer, arch, placement, spec, d_model):
-    path = arch.projections[placement]
+    path = _through_wrappers(layer, arch.projections[placement])
     base = get_module(layer, path)
     delta = make_delta(spec, d_model)
-    wrapper = ParallelLinear(base, delta)
+    out = getattr(base, "out_features", d_model)
+    if out != d_model:  # grouped-query attention: v_proj gives n_kv_heads x head_dim < d_model (issue 20)
+        if not isinstance(delta, Bottleneck):
+            raise ConfigError(f"placement {placement!r}: a {spec.modification} cannot output {out} features "
+                              f"(the projection's width); use modification 'adapter'")
+        delta.up = nn.Linear(spec.r, out, device=delta.down.weight.device, dtype=delta.down.weight.dtype)
+    if spec.positions == "prefix":
+        from .decoder_only import PrefixParallelLinear  # image + prompt positions only (issue 20)
+
+        wrapper = PrefixParallelLinear(base, delta)
+    else:
+        wrapper = ParallelLinear(base, delta)
     set_module(layer, path, wrapper)
     return delta
+
+
+def _through_wrappers(layer: nn.Module, path: str) -> str:
+    """`path` with `.base_layer` inserted where a sub-layer is already wrapped (a decoder-only LM's value
+    adapter sits inside the gated self-attention, issue 20)."""
+    out, mod = [], layer
+    for part in path.split("."):
+        while not hasattr(mod, part) and isinstance(mod, (GatedSublayer, CaptureInput)):
+            out.append("base_layer")
+            mod = mod.base_layer
+        out.append(part)
+        mod = getattr(mod, part, None)
+    return ".".join(out)
 
 
 def _place_sublayer(layer, arch, placement, spec, d_model, ctx):

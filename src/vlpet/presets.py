@@ -245,6 +245,10 @@ PAPER_PARAMS_PERCENT = {
 def get_preset(name: str, family: str = "bart", video: bool = False, d_model: int | None = None) -> MethodConfig:
     """The preset `name` for a backbone family ("bart" / "t5", `ArchSpec.family`); `d_model` scales the
     adapter sizes with the language model's width (None: the paper's sizes, set for width 768)."""
+    if family == "decoder":  # decoder-only VLMs (issue 20): their own mapping, vlpet.decoder_only
+        from .decoder_only import decoder_preset
+
+        return decoder_preset(name, d_model or REFERENCE_WIDTH)
     preset = _lookup(name)
     return preset.build(family_for(family, video, d_model), d_model)
 
@@ -252,6 +256,11 @@ def get_preset(name: str, family: str = "bart", video: bool = False, d_model: in
 def train_defaults(name: str, family: str = "bart", video: bool = False) -> TrainDefaults:
     """The paper's learning rate and VQA batch for preset `name` (spec §4.5-§4.6): the family's, except
     where the preset sets its own (full fine-tuning: 1e-4)."""
+    if family == "decoder":  # decoder-only VLMs (issue 20): not tuned by the paper; see docs/decoder-only.md
+        from .decoder_only import DECODER, decoder_preset
+
+        decoder_preset(name, REFERENCE_WIDTH)  # a ConfigError for a preset not offered there
+        return TrainDefaults(lr=1e-5 if name.lower() == "full" else DECODER.lr, batch_size=DECODER.batch, epochs=20)
     preset = _lookup(name)
     f = family_for(family, video)
     return TrainDefaults(lr=preset.lr if preset.lr is not None else f.lr, batch_size=f.batch, epochs=20)

@@ -57,6 +57,9 @@ class ArchSpec:
     projector: str | None = None  # the vision-to-language projector: the `visual_embedding` extra
     vision_parts: tuple[str, ...] = ()  # frozen in every method (the paper's frozen CLIP)
     text_model_types: tuple[str, ...] = ()  # composite configs: the allowed text_config.model_type
+    # Decoder-only VLMs (issue 20, vlpet.decoder_only): one stack of LM layers, addressed by the "encoder.*"
+    # placements (it reads image + prompt, the paper encoder's job); `decoder_layers` is "" (none).
+    decoder_only: bool = False
 
 
 _BART_SUBLAYERS = {
@@ -188,11 +191,52 @@ BLIP2_T5 = _rooted(T5, "language_model", name="blip2-t5", model_types=("blip-2",
 INSTRUCTBLIP_T5 = replace(BLIP2_T5, name="instructblip-t5", model_types=("instructblip",), image_path="instructblip",
                           notes="InstructBLIP with a (Flan-)T5 LM: the Q-Former also reads the instruction")
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (BART, T5, MBART, PEGASUS, FLORENCE2, BLIP2_T5, INSTRUCTBLIP_T5)
-VLM_ARCHITECTURES = (FLORENCE2, BLIP2_T5, INSTRUCTBLIP_T5)
+
+
+def _decoder_only(name: str, model_type: str, text_root: str, projector: str, vision_parts: tuple[str, ...],
+                  text_model_types: tuple[str, ...], notes: str) -> ArchSpec:
+    """A vision tower + projector feeding a pre-LN (RMS) decoder-only LM whose layers are named as Llama's
+    (`input_layernorm`, `self_attn.{q,k,v,o}_proj`, `post_attention_layernorm`, `mlp`). The gate's X is the
+    residual stream before each sub-layer's norm (spec §1.5, pre-LN), i.e. the norm's input."""
+    layers = f"{text_root}.layers"
+    return ArchSpec(
+        name=name, model_types=(model_type,), family="decoder", encoder=text_root, encoder_layers=layers,
+        decoder_layers="", shared_embedding=f"{text_root}.embed_tokens",
+        sublayers={"encoder.self_attn": Sublayer("self_attn", "input_layernorm", 0),
+                   "encoder.ffn": Sublayer("mlp", "post_attention_layernorm", None)},
+        projections={f"encoder.self_attn.{p}": f"self_attn.{p}_proj" for p in "qkvo"},
+        norm="rms", norm_eps=1e-6, init="normal", init_std=0.02, image_path=model_type, language_model=text_root,
+        projector=projector, vision_parts=vision_parts, text_model_types=text_model_types, decoder_only=True,
+        notes=notes)
+
+
+# Llama-family LMs share the layer names; Gemma-2/3 (PaliGemma 2) put extra norms around each sub-layer.
+LLAVA = _decoder_only("llava", "llava", "model.language_model", "model.multi_modal_projector",
+                      ("model.vision_tower",), ("llama", "mistral", "qwen2"),
+                      "LLaVA(-1.5): CLIP tower + MLP projector, image tokens merged into a Llama-style LM")
+IDEFICS3 = _decoder_only("idefics3", "idefics3", "model.text_model", "model.connector", ("model.vision_model",),
+                         ("llama",), "Idefics3 / SmolVLM: SigLIP tower + pixel-shuffle connector, Llama LM")
+QWEN2_VL = _decoder_only("qwen2-vl", "qwen2_vl", "model.language_model", "model.visual.merger",
+                         ("model.visual.patch_embed", "model.visual.blocks"), ("qwen2_vl_text",),
+                         "Qwen2-VL: ViT with 2x2 patch merger (the projector), M-RoPE Qwen2 LM")
+QWEN2_5_VL = replace(QWEN2_VL, name="qwen2.5-vl", model_types=("qwen2_5_vl",), image_path="qwen2_5_vl",
+                     text_model_types=("qwen2_5_vl_text",),
+                     notes="Qwen2.5-VL: windowed ViT with patch merger (the projector), M-RoPE Qwen2 LM")
+PALIGEMMA = _decoder_only("paligemma", "paligemma", "model.language_model", "model.multi_modal_projector",
+                          ("model.vision_tower",), ("gemma",),
+                          "PaliGemma: SigLIP tower + linear projector, Gemma LM; image + prompt attend "
+                          "bidirectionally (a prefix LM)")
+DECODER_ONLY_ARCHITECTURES = (LLAVA, IDEFICS3, QWEN2_VL, QWEN2_5_VL, PALIGEMMA)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (BART, T5, MBART, PEGASUS, FLORENCE2, BLIP2_T5, INSTRUCTBLIP_T5,
+                                       *DECODER_ONLY_ARCHITECTURES)
+VLM_ARCHITECTURES = (FLORENCE2, BLIP2_T5, INSTRUCTBLIP_T5, *DECODER_ONLY_ARCHITECTURES)
 # Known VLMs without an entry (decoder-only LMs, or a BLIP-2 with OPT): the error names what is supported.
 SUPPORTED_VLMS = ("Florence2ForConditionalGeneration", "Blip2ForConditionalGeneration with a T5/Flan-T5 LM",
-                  "InstructBlipForConditionalGeneration with a T5/Flan-T5 LM")
+                  "InstructBlipForConditionalGeneration with a T5/Flan-T5 LM",
+                  "LlavaForConditionalGeneration (Llama/Mistral/Qwen2 LM)", "Idefics3ForConditionalGeneration",
+                  "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                  "PaliGemmaForConditionalGeneration (Gemma LM)")
 
 
 def arch_for(model_type: str, config=None) -> ArchSpec:
@@ -203,8 +247,9 @@ def arch_for(model_type: str, config=None) -> ArchSpec:
                 text = getattr(getattr(config, "text_config", None), "model_type", None)
                 if text not in spec.text_model_types:
                     raise ConfigError(
-                        f"backbone {model_type!r} with a {text!r} language model is not supported; vlpet puts VL-PET "
-                        f"into encoder-decoder VLMs: {'; '.join(SUPPORTED_VLMS)}")
+                        f"backbone {model_type!r} with a {text!r} language model is not supported (expected "
+                        f"text_config.model_type in {', '.join(spec.text_model_types)}); supported VLMs: "
+                        f"{'; '.join(SUPPORTED_VLMS)}")
             return spec
     known = sorted(t for s in ARCHITECTURES if not s.image_path for t in s.model_types)
     if config is not None and (hasattr(config, "vision_config") or hasattr(config, "text_config")):

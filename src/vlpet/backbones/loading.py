@@ -35,11 +35,18 @@ BUILTIN_BACKBONES = {
     "florence2-base": BuiltinBackbone("florence2-base.json", "florence-community/Florence-2-base", 0),
     "florence2-large": BuiltinBackbone("florence2-large.json", "florence-community/Florence-2-large", 0),
     "blip2-flan-t5-xl": BuiltinBackbone("blip2-flan-t5-xl.json", "Salesforce/blip2-flan-t5-xl", 0),
+    # decoder-only VLMs (issue 20; sources and meta-device counts: docs/decoder-only.md)
+    "smolvlm-2b": BuiltinBackbone("smolvlm-2b.json", "HuggingFaceTB/SmolVLM-Instruct", 0),
+    "llava-1.5-7b": BuiltinBackbone("llava-1.5-7b.json", "llava-hf/llava-1.5-7b-hf", 0),
 }
 
 # model_type -> transformers class of the encoder-decoder VLMs vlpet supports (issue 18)
 VLM_CLASSES = {"florence2": "Florence2ForConditionalGeneration", "blip-2": "Blip2ForConditionalGeneration",
-               "instructblip": "InstructBlipForConditionalGeneration"}
+               "instructblip": "InstructBlipForConditionalGeneration",
+               # decoder-only VLMs (issue 20)
+               "llava": "LlavaForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
+               "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+               "paligemma": "PaliGemmaForConditionalGeneration"}
 
 
 def builtin_config(name: str):

@@ -29,6 +29,13 @@ def text_config(config):
     return getattr(config, "text_config", None) or config
 
 
+def lm_width(config) -> int:
+    """The language model's hidden width (`d_model` for BART/T5, `hidden_size` for decoder-only LMs)."""
+    c = text_config(config)
+    width = getattr(c, "d_model", None)
+    return width if width is not None else c.hidden_size
+
+
 def seq2seq_module(backbone: nn.Module, image_path: str | None) -> nn.Module:
     """The module that runs the language encoder-decoder from `encoder_outputs` (forward and generate):
     Florence-2's own top-level model (its forward accepts encoder outputs), BLIP-2's T5."""
