@@ -35,8 +35,9 @@ def _tasks(text: str) -> tuple[str, ...]:
 
 def _add_common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="bart-base",
-                   help="built-in offline architecture (bart-base, t5-base: random weights), a Hugging Face id "
-                        "(facebook/bart-base, t5-base) or a local folder")
+                   help="built-in offline architecture (bart-base, t5-base: random weights and a byte-level "
+                        "stand-in tokenizer, never downloaded), a Hugging Face id (facebook/bart-base: local cache "
+                        "first, one try of the hub) or a local folder")
     p.add_argument("--method", "--recipe", dest="method", default="vl-pet-large",
                    help="preset name (see `vlpet presets`)")
 
@@ -65,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recipe file (YAML/JSON, e.g. recipes/bart-base/vl-pet-large.yaml); options given on the "
                         "command line override it")
     p.add_argument("--backbone", default=None,
-                   help="built-in offline architecture (bart-base, t5-base: random weights), a Hugging Face id "
-                        "(facebook/bart-base, t5-base) or a local folder (default bart-base)")
+                   help="built-in offline architecture (bart-base, t5-base: random weights and a byte-level "
+                        "stand-in tokenizer, never downloaded), a Hugging Face id (facebook/bart-base: local cache "
+                        "first, one try of the hub) or a local folder (default bart-base)")
     p.add_argument("--method", "--recipe", dest="method", default=None,
                    help="preset name, see `vlpet presets` (default vl-pet-large)")
     p.add_argument("--data-root", default=None, help="folder in the VL-Adapter layout (vqa/, GQA/, nlvr/, COCO/ ...; "
