@@ -122,3 +122,18 @@ def test_refused_torch_file_never_suggests_weights_only_false(tmp_path, content)
     msg = str(ei.value)
     assert "\n" not in msg and str(path) in msg and msg.endswith("; replace it")
     assert "weights_only" not in msg and "Re-running" not in msg and "arbitrary code" not in msg
+
+
+@pytest.mark.parametrize("reader", ["json", "jsonl"])
+def test_invalid_json_message_reads_once(tmp_path, reader):
+    # json's own message can end in "at" ("Unterminated string starting at"): no "at at" after it.
+    from vlpet.data import DataError
+    from vlpet.data.records import load_json
+    from vlpet.data.video import read_jsonl
+
+    path = tmp_path / f"bad.{reader}"
+    path.write_text('{"question": "what colo')
+    with pytest.raises(DataError) as ei:
+        (load_json if reader == "json" else read_jsonl)(path)
+    msg = str(ei.value)
+    assert "Unterminated string starting at: " in msg and "at at" not in msg and "column 14" in msg
