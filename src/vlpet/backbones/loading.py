@@ -179,6 +179,8 @@ def stand_in_tokenizer(name: str):
 
     spec = BUILTIN_BACKBONES[name]
     config = builtin_config(name)
+    if hasattr(config, "get_text_config"):  # composite (vision + language) configs keep the ids here
+        config = config.get_text_config()
     size = spec.vocab_after_extension - 2 * N_EXTRA_IDS
     roles = {"pad": ("<pad>", config.pad_token_id), "eos": ("</s>", config.eos_token_id)}
     bos = getattr(config, "bos_token_id", None)
