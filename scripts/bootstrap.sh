@@ -21,16 +21,17 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     pip install -q "torch>=2.3"
   else
     echo "vlpet: no NVIDIA GPU: installing a CPU build of torch" >&2
-    # A local CPU wheel when the machine has one (this workplace: pip's find-links), its dependencies
-    # from the usual index; otherwise PyTorch's CPU index.
-    if pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null; then
-      pip install -q torch==2.13.0
-    else
-      pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-        --extra-index-url https://pypi.org/simple \
-        || pip install -q "torch>=2.3" --index-url https://download.pytorch.org/whl/cpu \
-             --extra-index-url https://pypi.org/simple
+    # Only the torch wheel itself may come from elsewhere than pip's configured index (a company
+    # mirror, PIP_INDEX_URL, pip.conf): a local CPU wheel when the machine has one (pip's find-links),
+    # else PyTorch's CPU index. Either way it is installed alone (--no-deps); its dependencies then
+    # come from the configured index, so nothing else is sent around the user's pip settings.
+    if ! pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null; then
+      pip install -q --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+        || pip install -q --no-deps "torch>=2.3" --index-url https://download.pytorch.org/whl/cpu
     fi
+    # The installed torch already satisfies this pin, so pip only adds its missing dependencies.
+    torch_version="$("$VENV/bin/python" -m pip show torch | sed -n 's/^Version: //p')"
+    pip install -q "torch==$torch_version"
   fi
 fi
 # vlpet itself (editable) with the demo and test extras; torch is already satisfied, so nothing pulls CUDA.

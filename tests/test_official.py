@@ -347,7 +347,7 @@ def test_arbitrary_pickles_are_refused_by_weights_only_loading(tiny_backbones, t
 
 
 @pytest.mark.parametrize("content,match", [([1, 2, 3], "not a state dict"), ({"a.weight": 1}, "'a.weight'"),
-                                           (None, "not a state dict"), ("garbage", "not loadable")])
+                                           (None, "not a state dict"), ("garbage", "unreadable as a torch checkpoint")])
 def test_files_that_are_not_state_dicts_are_refused(tiny_backbones, tmp_path, content, match):
     path = tmp_path / "bad.pth"
     if content == "garbage":

@@ -551,7 +551,7 @@ def test_hub_ids_are_not_taken_for_folders():
 
     with pytest.raises(ConfigError) as ei:
         load_backbone("florence-community/Florence-2-base")
-    assert "could not load backbone 'florence-community/Florence-2-base'" in str(ei.value)
+    assert "backbone 'florence-community/Florence-2-base' is not in the Hugging Face cache" in str(ei.value)
     assert "\n" not in str(ei.value)
     with pytest.raises(ConfigError, match="folder './no/such' does not exist"):
         load_backbone("./no/such")

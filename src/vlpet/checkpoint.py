@@ -133,3 +133,28 @@ def load_trainable(model, tensors: dict[str, torch.Tensor], source: str, strict:
                                   f"{emb.shape[0] - start}")
         emb[start:].copy_(rows.to(emb.dtype))
     return {"missing": missing, "unexpected": unexpected}
+
+
+def torch_load_weights_only(path, hint: str = ""):
+    """`torch.load(path, weights_only=True)` with a one-line CheckpointError for a file that is not a torch
+    checkpoint or holds something besides tensors and plain containers. Such a file is refused, never
+    run, and the message never passes on torch's advice to turn weights-only loading off."""
+    import re
+    import zipfile
+
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    # torch.save writes a zip archive (the legacy format: a pickle, first byte 0x80).
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path}: unreadable as a torch checkpoint (torch.save writes a zip archive; these "
+                              f"{path.stat().st_size} bytes are not one: truncated, or another format){hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (a refused object), RuntimeError / EOFError (damaged)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\s*\n|Check the documentation|$)", text, re.S)
+        why = " ".join((found.group(1) if found else text.strip().split("\n")[0]).split())
+        why = re.split(r"\s*(?:Please|Re-running|\(1\))", why)[0][:200] or type(exc).__name__
+        raise CheckpointError(f"{path}: refused or unreadable by weights-only loading, nothing in it was run "
+                              f"({type(exc).__name__}: {why}){hint}") from exc

@@ -36,9 +36,10 @@ def _tasks(text: str) -> tuple[str, ...]:
 def _add_common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="bart-base",
                    help="built-in offline architecture (bart-base, t5-base, florence2-base, florence2-large, "
-                        "blip2-flan-t5-xl, smolvlm-2b, llava-1.5-7b: random weights), a Hugging Face id "
+                        "blip2-flan-t5-xl, smolvlm-2b, llava-1.5-7b: random weights; bart-base / t5-base come with "
+                        "a byte-level stand-in tokenizer; nothing is downloaded), a Hugging Face id "
                         "(facebook/bart-base, florence-community/Florence-2-base, Salesforce/blip2-flan-t5-xl, "
-                        "llava-hf/llava-1.5-7b-hf) or a local folder")
+                        "llava-hf/llava-1.5-7b-hf: the local cache first, then one try of the hub) or a local folder")
     p.add_argument("--method", "--recipe", dest="method", default="vl-pet-large",
                    help="preset name (see `vlpet presets`)")
 
@@ -53,18 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.tasks import task_names
 
     ap = argparse.ArgumentParser(prog="vlpet", description="VL-PET: vision-and-language parameter-efficient tuning "
-                                 "via granularity control (ICCV 2023), on unmodified Hugging Face encoder-decoders.")
+                                 "via granularity control (ICCV 2023), on unmodified Hugging Face encoder-decoders.",
+                                 epilog="`vlpet COMMAND --help` shows a command's options.")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Without a metavar argparse lists the commands in the usage line, so a bare `vlpet` shows them.
+    sub = ap.add_subparsers(dest="command", required=True, title="commands")
 
     # params
-    p = sub.add_parser("params", help="trainable / total parameters and Params % of a preset")
+    p = sub.add_parser("params", help="trainable / total parameters and Params %% of a preset")
     _add_common_model(p)
     p.add_argument("--video", action="store_true", help="the video-text setting (512-d frame features, spec §3.9)")
     p.add_argument("--feat-dim", type=int, default=None, help="visual feature size (default 2048; video 512)")
     p.add_argument("--json", action="store_true", help="print one JSON object {trainable, total, percent}")
 
-    p = sub.add_parser("presets", help="list the named recipes with their Params % (paper vs vlpet)")
+    p = sub.add_parser("presets", help="list the named recipes with their Params %% (paper vs vlpet)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--backbones", default=None,
                    help="comma-separated backbones to tabulate instead of the paper's (e.g. florence2-base,"
@@ -76,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recipe file (YAML/JSON, e.g. recipes/bart-base/vl-pet-large.yaml); options given on the "
                         "command line override it")
     p.add_argument("--backbone", default=None,
-                   help="built-in offline architecture (bart-base, t5-base: random weights), a Hugging Face id "
-                        "(facebook/bart-base, t5-base) or a local folder (default bart-base)")
+                   help="built-in offline architecture (bart-base, t5-base: random weights and a byte-level "
+                        "stand-in tokenizer, never downloaded), a Hugging Face id (facebook/bart-base: local cache "
+                        "first, one try of the hub) or a local folder (default bart-base)")
     p.add_argument("--method", "--recipe", dest="method", default=None,
                    help="preset name, see `vlpet presets` (default vl-pet-large)")
     p.add_argument("--data-root", default=None, help="folder in the VL-Adapter layout (vqa/, GQA/, nlvr/, COCO/ ...; "
@@ -394,12 +398,26 @@ COMMANDS = {"params": cmd_params, "presets": cmd_presets, "train": cmd_train, "e
 
 def main(argv=None) -> int:
     ap = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # bare `vlpet`: show the commands, not just argparse's "required: command"
+        ap.print_help()
+        return 2
     a = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .errors import VLPetError
 
     try:
-        return COMMANDS[a.command](a)
+        rc = COMMANDS[a.command](a)
+        sys.stdout.flush()  # a closed pipe surfaces here, inside the handler, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        # `vlpet presets | head`: the reader left; stop quietly (Python's documented recipe: point
+        # stdout at devnull so the interpreter's final flush does not raise again).
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (in-process capture)
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
     except VLPetError as exc:
         if a.debug:
             raise

@@ -119,12 +119,9 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         obj = load_tensors(path)
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError (refused object), RuntimeError/EOFError (not a torch file)
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path}: not loadable as a weights-only torch state dict "
-                                  f"({type(exc).__name__}: {first})") from exc
+        from .checkpoint import torch_load_weights_only
+
+        obj = torch_load_weights_only(path, hint="; expected the official run's LAST.pth (a state dict)")
     return normalize_state_dict(obj, source=str(path))
 
 

@@ -36,15 +36,22 @@ class TextOnlyPositions(nn.Module):
         self.base_layer = base_layer
         self.ctx = [ctx]  # a list keeps the context out of the module tree
 
-    def forward(self, *args, **kwargs):
-        # Called with ids, embeddings or a shape depending on the architecture; returns [.., N, D].
-        pos = self.base_layer(*args, **kwargs)
+    def forward(self, first, *args, **kwargs):
+        # Called with ids / an embedding slice ([B, N, ...]) or a shape ((B, N)) depending on the
+        # architecture; returns [.., N, D].
         ctx = self.ctx[0]
         if not ctx.active:
-            return pos
+            return self.base_layer(first, *args, **kwargs)
         p, t = ctx.prompt_len, ctx.text_len
-        n = pos.shape[-2]
-        return nn.functional.pad(pos.narrow(-2, 0, t), (0, 0, p, n - p - t))  # text rows get positions 0..t-1
+        n = first.shape[1] if isinstance(first, torch.Tensor) else first[1]
+        # Look up positions 0..t-1 only (as the official model does), so a position table that holds
+        # the text but not text + visual tokens still works; prompt and visual rows get zeros.
+        if isinstance(first, torch.Tensor):
+            first = first.narrow(1, 0, t)
+        else:
+            first = type(first)((first[0], t, *first[2:]))
+        pos = self.base_layer(first, *args, **kwargs)
+        return nn.functional.pad(pos, (0, 0, p, n - p - t))
 
 
 class TextOnlyNorm(nn.Module):

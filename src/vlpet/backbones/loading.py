@@ -1,14 +1,19 @@
 """Loading backbones and tokenizers the way users expect: a built-in name, a hub id or a local folder.
 
-`bart-base` and `t5-base` are built offline from the configs shipped in `configs/` with random
-weights (for `vlpet params`, benchmarks and tests); `facebook/bart-base`, `t5-base`-style hub ids or
-a folder load pretrained weights through `AutoModelForSeq2SeqLM.from_pretrained`.
+Built-in names (`bart-base`, `t5-base`, every key of BUILTIN_BACKBONES) are built offline from the
+configs shipped in `configs/` with random weights (for `vlpet params`, benchmarks, smoke runs and
+tests) and get an offline stand-in tokenizer: they never ask the hub. Hub ids (`facebook/bart-base`)
+and folders load pretrained weights through `AutoModelForSeq2SeqLM.from_pretrained`; a hub id is
+read from the local cache first and, when it is not there, the hub is tried once (a failed probe
+ends with a one-line error that says how to work offline instead of transformers' retry loop).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,7 +29,7 @@ N_EXTRA_IDS = 100  # <extra_id_*> (T5 sentinels) and <vis_extra_id_*> (object-or
 @dataclass(frozen=True)
 class BuiltinBackbone:
     config_file: str
-    hub_id: str  # where the real weights and tokenizer live, for users with internet
+    hub_id: str  # where the real weights and tokenizer live, for users with internet (never asked)
     vocab_after_extension: int  # rows after adding the 200 VL tokens (spec §2.3 / §3.4)
 
 
@@ -60,10 +65,77 @@ def builtin_config(name: str):
 
 
 def _is_local(name: str) -> bool:
-    """A folder path, not a hub id: hub ids are "name" or "owner/name" (one slash, no leading . / ~)."""
-    if Path(name).exists() or name.startswith((".", "/", "~")):
-        return True
-    return name.count("/") > 1 or (os.path.sep != "/" and os.path.sep in name)
+    """A folder, as opposed to a hub id ("name" or "org/name", one slash at most)."""
+    return (Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+            or (os.path.sep != "/" and os.path.sep in name))
+
+
+def _check_folder_config(folder: str) -> None:
+    """A local backbone folder's config.json must be readable JSON: say so, naming the file, before
+    transformers reports it as something else (e.g. a tokenizer that cannot be found)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"backbone folder {folder!r} has no config.json; expected a folder written by "
+                          f"save_pretrained (config.json + weights)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); expected the backbone's Hugging Face config") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ConfigError(f"{path}: no 'model_type' field; expected the backbone's Hugging Face config "
+                          f"(as written by save_pretrained)")
+
+
+OFFLINE_HINT = ("to work offline use a built-in name ({builtins}: random weights, offline tokenizer), a local "
+                "folder written by save_pretrained, or a model already in the Hugging Face cache with "
+                "HF_HUB_OFFLINE=1")
+
+
+def _offline_hint() -> str:
+    return OFFLINE_HINT.format(builtins=", ".join(BUILTIN_BACKBONES))
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """One connection attempt to the hub (cached per process); the reason when it fails, else None."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _from_hub(load, name: str, what: str, **kwargs):
+    """`load(name, **kwargs)` for a hub id: the local cache first; otherwise one probe of the hub and,
+    only when it answers, transformers' normal download (its retry loop would stall about 50 s)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    # A pure file-system look first: even a local_files_only load makes the hub client fetch its
+    # agent registry once, which is a network attempt we only want when the model is cached.
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        try:
+            return load(name, local_files_only=True, **kwargs)
+        except OSError:
+            pass  # cached in part only
+
+    if _hub_offline():
+        raise ConfigError(f"{what} {name!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                          + _offline_hint())
+    reason = _hub_unreachable(constants.ENDPOINT)
+    if reason is not None:
+        raise ConfigError(f"{what} {name!r} is not in the Hugging Face cache and {constants.ENDPOINT} cannot be "
+                          f"reached ({reason}); " + _offline_hint())
+    return load(name, **kwargs)
 
 
 def _model_class(config):
@@ -98,19 +170,25 @@ def load_backbone(name_or_path: str, *, seed: int = 0, meta: bool = False, dtype
         with fork_rng(seed):
             model = _from_config(config)
         return model
-    if _is_local(name_or_path) and not Path(name_or_path).is_dir():
+    local = _is_local(name_or_path)
+    if local and not Path(name_or_path).is_dir():
         raise ConfigError(f"backbone folder {name_or_path!r} does not exist; give a built-in name "
                           f"({', '.join(BUILTIN_BACKBONES)}), a Hugging Face id or an existing folder")
+    if local:
+        _check_folder_config(name_or_path)
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = (AutoConfig.from_pretrained(name_or_path) if local
+                  else _from_hub(AutoConfig.from_pretrained, name_or_path, "backbone"))
         cls = _model_class(config)
         if meta:
             with torch.device("meta"):
                 return _from_config(config)
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        return cls.from_pretrained(name_or_path, **kwargs)
+        if local:
+            return cls.from_pretrained(name_or_path, **kwargs)
+        return _from_hub(cls.from_pretrained, name_or_path, "backbone", **kwargs)
     except (OSError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -128,21 +206,82 @@ def load_processor(name_or_path: str):
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(name_or_path)
+        if _is_local(name_or_path):
+            return AutoProcessor.from_pretrained(name_or_path)
+        return _from_hub(AutoProcessor.from_pretrained, name_or_path, "processor")
     except Exception:  # noqa: BLE001 - any failure means "no processor here"; the model still works on tensors
         return None
 
 
+def stand_in_tokenizer(name: str):
+    """The offline tokenizer of a built-in (random-weight) backbone, derived from its entry alone.
+
+    Byte-level (every text encodes, one token per UTF-8 byte), laid out like the real tokenizer where
+    the model sees it: the config's pad / eos (/ bos, prepended when the config has one) ids, <unk> at
+    the lowest free id, the vocabulary filled with unused tokens up to the real size, so that the 200
+    VL tokens land on the real tokenizer's ids and the model has the same rows with or without it.
+    Random weights learn nothing from real text either way; pretrained work needs the hub id."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    spec = BUILTIN_BACKBONES[name]
+    config = builtin_config(name)
+    if hasattr(config, "get_text_config"):  # composite (vision + language) configs keep the ids here
+        config = config.get_text_config()
+    size = spec.vocab_after_extension - 2 * N_EXTRA_IDS
+    roles = {"pad": ("<pad>", config.pad_token_id), "eos": ("</s>", config.eos_token_id)}
+    bos = getattr(config, "bos_token_id", None)
+    if bos is not None:
+        roles["bos"] = ("<s>", bos)
+    used = {i for _, i in roles.values()}
+    roles["unk"] = ("<unk>", min(set(range(len(used) + 1)) - used))
+    vocab = {tok: i for tok, i in roles.values()}
+    taken = set(vocab.values())
+    free = (i for i in range(size) if i not in taken)
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # alphabet() comes unordered
+        vocab[ch] = next(free)
+    vocab.update((f"<unused_{i}>", i) for i in free)
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    head = "<s> " if bos is not None else ""
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{head}$A </s>", pair=f"{head}$A </s> $B </s>",
+        special_tokens=[(t, i) for t, i in roles.values() if t in ("<s>", "</s>")])
+    max_len = getattr(config, "max_position_embeddings", None) or 512
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len,
+                                   **{f"{role}_token": t for role, (t, _) in roles.items()})
+    fast.init_kwargs["vlpet_stand_in"] = name  # tells a saved copy apart from the real tokenizer
+    return fast
+
+
 def load_tokenizer(name_or_path: str, required: bool = False):
-    """The backbone's tokenizer with the 200 VL tokens added, or None when it cannot be had offline."""
+    """The backbone's tokenizer with the 200 VL tokens added, or None when it cannot be had offline
+    (`required=False`). Built-in names get their offline stand-in and never ask the hub."""
     from transformers import AutoTokenizer
 
-    source = BUILTIN_BACKBONES[name_or_path].hub_id if name_or_path in BUILTIN_BACKBONES else name_or_path
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        if name_or_path in BUILTIN_BACKBONES:
+            if not BUILTIN_BACKBONES[name_or_path].vocab_after_extension:  # a VLM: its processor tokenizes
+                raise ConfigError(f"built-in {name_or_path!r} is a VLM with random weights: it has no offline "
+                                  f"tokenizer or processor; pass token ids, or use its Hugging Face id "
+                                  f"{BUILTIN_BACKBONES[name_or_path].hub_id!r}")
+            tok = stand_in_tokenizer(name_or_path)
+        elif _is_local(name_or_path):
+            if not Path(name_or_path).is_dir():
+                raise ConfigError(f"backbone folder {name_or_path!r} does not exist")
+            _check_folder_config(name_or_path)  # a broken config.json is a config problem, not a tokenizer one
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+        else:
+            tok = _from_hub(AutoTokenizer.from_pretrained, name_or_path, "tokenizer of backbone")
+    except ConfigError:
+        if required:
+            raise
+        return None
     except (OSError, ValueError) as exc:
         if required:
-            raise ConfigError(f"could not load a tokenizer for backbone {name_or_path!r} from {source!r}: "
+            raise ConfigError(f"could not load a tokenizer for backbone {name_or_path!r}: "
                               f"{str(exc).splitlines()[0][:200]}") from exc
         return None
     extend_tokenizer(tok)

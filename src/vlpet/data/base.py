@@ -129,5 +129,15 @@ class ImageTextDataset(Dataset):
                 got=f"{len(missing)} missing, this one first",
             )
 
+    def check_feature_dim(self, feat_dim: int) -> None:
+        """Every image's feature width is `feat_dim`: read from the file headers now (a mixed folder would
+        otherwise stop a run mid-way), and checked again on every later read."""
+        for fd in self.feature_dirs.values():
+            fd.expected_dim = feat_dim
+        for s, i in dict.fromkeys(self.image_ids()):
+            fd = self.feature_dirs[s]
+            if hasattr(fd, "check_shape"):  # HDF5 headers; video .npz files are checked when read
+                fd.check_shape(i, feat_dim)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(task={self.task!r}, split={self.split!r}, mode={self.mode!r}, n={len(self)})"

@@ -202,6 +202,26 @@ class FeatureDir:
     def load(self, img_id: str) -> np.ndarray:
         return read_h5_features(self.path(img_id), img_id, self.expected_dim, self.n_tokens)
 
+    def feature_shape(self, img_id: str) -> tuple[int, ...] | None:
+        """The stored feature array's shape read from the file's header (no data), None if unreadable
+        (a full read then names the exact problem)."""
+        try:
+            with _h5py().File(self.path(img_id), "r") as f:
+                return tuple(f[f"{img_id}/features"].shape)
+        except Exception:  # noqa: BLE001 - any failure is reported by load() with its own message
+            return None
+
+    def check_shape(self, img_id: str, expected_dim: int) -> None:
+        """DataError naming the file when its feature width is not `expected_dim`."""
+        shape = self.feature_shape(img_id)
+        if shape is None or len(shape) != 2:
+            self.load(img_id)  # raises the precise DataError (or the file is fine after all)
+            return
+        if shape[1] != expected_dim:
+            raise DataError(self.path(img_id), f"feature dim {expected_dim} like the other images (shape "
+                            f"[{shape[0]}, {expected_dim}])", field=f"{img_id}/features",
+                            got=f"shape {list(shape)}; features from another encoder?")
+
     def missing(self, img_ids) -> list[str]:
         """The ids whose feature file does not exist (for an early check before training)."""
         return [i for i in img_ids if not self.path(i).is_file()]

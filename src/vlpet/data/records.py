@@ -110,7 +110,8 @@ def load_json(path: str | os.PathLike, what: str = "JSON") -> Any:
         with open(path, "r", encoding="utf-8") as fh:
             return json.load(fh)
     except json.JSONDecodeError as e:
-        raise DataError(path, f"valid JSON ({what})", got=f"{e.msg} at line {e.lineno} column {e.colno}") from e
+        # e.msg may end in "at" ("Unterminated string starting at"): a colon, not a second "at"
+        raise DataError(path, f"valid JSON ({what})", got=f"{e.msg}: line {e.lineno} column {e.colno}") from e
     except UnicodeDecodeError as e:
         raise DataError(path, f"UTF-8 JSON ({what})", got=f"undecodable bytes at offset {e.start}") from e
     except OSError as e:

@@ -215,7 +215,7 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSON lines") -> list[tuple[
                     out.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise DataError(path, f"one JSON object per line ({what})", record_id=f"line {n}",
-                                    got=f"{e.msg} at column {e.colno}") from e
+                                    got=f"{e.msg}: column {e.colno}") from e  # e.msg may end in "at"
     except UnicodeDecodeError as e:
         raise DataError(path, f"UTF-8 JSON lines ({what})", got=f"undecodable bytes at offset {e.start}") from e
     except OSError as e:

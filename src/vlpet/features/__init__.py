@@ -6,11 +6,12 @@
 Heavy modules (the encoders, h5py) are imported lazily.
 """
 
-from ._image import IMAGE_EXTENSIONS, ImageReadError
+from ._image import IMAGE_EXTENSIONS, ImageReadError, ImageSourceError
 from .efficientnet_lite0 import EfficientNetLite0, load_efficientnet_lite0, tf_same_padding
 from .extract import (
     ENCODERS,
     EncoderSpec,
+    ImageIdError,
     UnknownEncoderError,
     extract_features,
     feature_path,
@@ -25,7 +26,9 @@ __all__ = [
     "EncoderSpec",
     "EfficientNetLite0",
     "IMAGE_EXTENSIONS",
+    "ImageIdError",
     "ImageReadError",
+    "ImageSourceError",
     "MissingOptionalDependency",
     "UnknownEncoderError",
     "extract_features",

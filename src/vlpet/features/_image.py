@@ -30,6 +30,10 @@ class ImageReadError(VLPetError, OSError):
         super().__init__(f"cannot read image {self.path!r}: {reason}")
 
 
+class ImageSourceError(VLPetError, FileNotFoundError):
+    """The images to extract features from are missing, empty or ambiguous. The message names them."""
+
+
 def load_rgb(path: PathLike):
     """Open ``path`` with PIL, fully decode it and convert it to RGB.
 
@@ -116,5 +120,6 @@ def list_images(source: PathLike | Iterable[PathLike]) -> list[Path]:
             )
         if p.is_file():
             return [p]
-        raise FileNotFoundError(f"image directory or file not found: {str(p)!r}")
+        raise ImageSourceError(f"--images {str(p)!r}: no such folder or file; expected a folder of images "
+                               f"({', '.join(IMAGE_EXTENSIONS)}) or one image file")
     return [Path(x) for x in source]

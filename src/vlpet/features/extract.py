@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ._image import ImageReadError, list_images, load_rgb, normalize_uint8_batch, resize_to_uint8
+from ._image import (IMAGE_EXTENSIONS, ImageReadError, ImageSourceError, list_images, load_rgb, normalize_uint8_batch,
+                     resize_to_uint8)
 from ..errors import ConfigError
 
 NUM_GRID_TOKENS = 49
@@ -70,6 +71,10 @@ ENCODERS: dict[str, EncoderSpec] = {
 
 class UnknownEncoderError(ConfigError):
     pass
+
+
+class ImageIdError(ConfigError):
+    """Two images map to one feature file, or an image name is not usable as one."""
 
 
 def get_encoder_spec(name: str) -> EncoderSpec:
@@ -175,12 +180,16 @@ def _collect_images(source) -> list[tuple[str, Path]]:
         items = [(str(k), Path(v)) for k, v in source.items()]
     else:
         items = [(p.stem, p) for p in list_images(source)]
+    if not items:
+        raise ImageSourceError(f"--images {str(source)!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found; "
+                               f"nothing to extract")
     seen: dict[str, Path] = {}
     for img_id, p in items:
         if not img_id or "/" in img_id or os.sep in img_id or img_id.startswith("."):
-            raise ValueError(f"image id {img_id!r} (for {str(p)!r}) is not usable as a file name")
-        if img_id in seen:
-            raise ValueError(f"duplicate image id {img_id!r}: {str(seen[img_id])!r} and {str(p)!r}")
+            raise ImageIdError(f"image id {img_id!r} (for {str(p)!r}) is not usable as a file name")
+        if img_id in seen:  # e.g. x.png and x.jpg: both would write x.h5
+            raise ImageIdError(f"duplicate image id {img_id!r}: {str(seen[img_id])!r} and {str(p)!r} "
+                               f"(img_id = file name without extension; rename one of them)")
         seen[img_id] = p
     return items
 
@@ -223,11 +232,11 @@ def extract_features(
     """
     spec = get_encoder_spec(encoder)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
 
     items = _collect_images(image_dir_or_list)
     out = Path(output_dir)

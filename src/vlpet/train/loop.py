@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -358,6 +357,8 @@ class Trainer:
             if got != feat_dim:
                 raise DataError(f"{task} train features", f"feature dim {feat_dim} (--feat-dim or the first task's)",
                                 got=f"{got}")
+            if hasattr(ds, "check_feature_dim"):  # image-text: every file, not just the first
+                ds.check_feature_dim(feat_dim)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -417,14 +418,10 @@ class Trainer:
             raise CheckpointError(f"{path}: the checkpoint holds an adapter of method {theirs!r}, this run trains "
                                   f"{mine!r}; resume it with --method {theirs}, or start a new run in another "
                                   f"--output (or pass --overwrite)")
-        try:  # weights_only: tensors and plain containers only, a pickled object is refused, never executed
-            state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError (a refused object), RuntimeError / EOFError (not a torch file)
-            lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in str(exc).splitlines() if x.strip()]
-            why = next((x for x in lines if "Unsupported global" in x), lines[0] if lines else "").split(" Please")[0]
-            raise CheckpointError(f"{path / STATE_NAME}: refused or unreadable by weights-only loading, nothing "
-                                  f"in it was run ({type(exc).__name__}: {why[:200]}); replace or delete {path} "
-                                  f"to go on") from exc
+        from ..checkpoint import torch_load_weights_only
+
+        # weights_only: tensors and plain containers only, a pickled object is refused, never executed
+        state = torch_load_weights_only(path / STATE_NAME, hint=f"; replace or delete {path} to go on")
         if not isinstance(state, dict) or state.get("method", mine) != mine:
             raise CheckpointError(f"{path / STATE_NAME}: a training state of method "
                                   f"{state.get('method') if isinstance(state, dict) else None!r}, this run trains "
