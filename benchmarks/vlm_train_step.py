@@ -20,6 +20,7 @@ Methods:
                        and decoder self- and cross-attention, on the plain HF model, vision tower every step
   full                 vlpet full fine-tuning of the language model + projector (the vision part stays frozen)
   <method>+rc          a vlpet method with its PET activations recomputed in the backward (vlpet.recompute)
+  <method>+compile     a vlpet method run through torch.compile (inductor, default mode; compile time not timed)
 Figures: median step time over --steps after --warmup (synchronised wall clock), peak =
 torch.cuda.max_memory_allocated since a reset before the method's model is built (GiB).
 """
@@ -190,14 +191,15 @@ def make_step(method, kind, name, device, dtype, inputs, labels):
             opt.zero_grad(set_to_none=True)
         return step, sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
 
-    recompute = method.endswith("+rc")  # issue 19: PET activations recomputed in the backward
-    method = method.removesuffix("+rc")
+    method, suffixes = split_suffixes(method)
+    recompute = "rc" in suffixes  # issue 19: PET activations recomputed in the backward
     cached = method.endswith("-cached")
     model = build_vlpet(name, method.removesuffix("-cached"), device, dtype)
     if recompute:
         from vlpet.recompute import set_recompute
 
         set_recompute(model, True)
+    run_model = torch.compile(model) if "compile" in suffixes else model  # inductor, default mode
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     kw = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
@@ -209,13 +211,22 @@ def make_step(method, kind, name, device, dtype, inputs, labels):
 
     def step():
         with autocast(device, dtype):
-            out = model(**kw, labels=labels)
+            out = run_model(**kw, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
     t, n = model.parameter_counts()
     return step, t, n
+
+
+SUFFIXES = ("rc", "compile")
+
+
+def split_suffixes(method: str) -> tuple[str, set[str]]:
+    """"vl-pet-large-cached+rc+compile" -> ("vl-pet-large-cached", {"rc", "compile"})."""
+    base, *rest = method.split("+")
+    return base, set(rest)
 
 
 def measure(method, kind, name, device, dtype, b, size, steps, warmup):
@@ -333,10 +344,15 @@ def parse_args(argv=None):
     a.batches = a.batches or ([2] if a.tiny else [64, 32, 16])
     a.steps = a.steps or (2 if a.tiny else 10)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 3)
-    rc_ok = {m for m in METHODS if m not in ("floor", "plain-peft-lora")}
-    unknown = sorted(m for m in a.methods if m not in METHODS and not (m.endswith("+rc") and m[:-3] in rc_ok))
+    vlpet_methods = {m for m in METHODS if m not in ("floor", "plain-peft-lora")}
+
+    def known(m):
+        base, suffixes = split_suffixes(m)
+        return m in METHODS or (base in vlpet_methods and suffixes <= set(SUFFIXES))
+    unknown = sorted(m for m in a.methods if not known(m))
     if unknown:
-        p.error(f"--methods: unknown {', '.join(unknown)}; allowed: {', '.join(METHODS)}, or a vlpet method + '+rc'")
+        p.error(f"--methods: unknown {', '.join(unknown)}; allowed: {', '.join(METHODS)}, or a vlpet method with "
+                f"'+rc' and/or '+compile'")
     return a
 
 

@@ -113,4 +113,7 @@ def test_every_architecture_entry_has_a_gate_input_test():
     """A new ArchSpec must come with its own hand-computed gate-input test (add it above, then here)."""
     from vlpet.backbones.arch import ARCHITECTURES
 
-    assert sorted(a.name for a in ARCHITECTURES) == sorted((*ARCHS, "mbart", "pegasus"))
+    # the VLM entries' gate-input tests: test_vlm.py::test_gate_reads_the_spec_input (encoder-decoder VLMs) and
+    # test_decoder_only.py::test_gate_reads_the_residual_stream_before_the_norm (every decoder-only family)
+    vlms = ("florence2", "blip2-t5", "instructblip-t5", "llava", "idefics3", "qwen2-vl", "qwen2.5-vl", "paligemma")
+    assert sorted(a.name for a in ARCHITECTURES) == sorted((*ARCHS, "mbart", "pegasus", *vlms))

@@ -404,13 +404,16 @@ def test_trainer_trains_a_wrapped_llava(folders, tmp_path, positions):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
-def test_gate_reads_the_residual_stream_before_the_norm(folders):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gate_reads_the_residual_stream_before_the_norm(folders, family):
     """Pre-LN: the gate's X is the input of the sub-layer's RMSNorm (self-attention: input_layernorm, MLP:
-    post_attention_layernorm), not the normed tensor the sub-layer reads."""
-    ids, mask, labels, kw = batch("llava")
-    model = VLModel.build(str(folders["llava"]), "vl-pet-middlex")
+    post_attention_layernorm), not the normed tensor the sub-layer reads; every decoder-only entry."""
+    from vlpet.placement import get_module
+
+    ids, mask, labels, kw = batch(family)
+    model = VLModel.build(str(folders[family]), "vl-pet-middlex")
     perturb(model)
-    layer = model.backbone.model.language_model.layers[1]
+    layer = get_module(model.backbone, model.arch.encoder_layers)[1]
     seen, norm_in = {}, {}
     for name in ("self_attn", "mlp"):
         gate = getattr(layer, name).pet.gate

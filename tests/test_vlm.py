@@ -472,7 +472,7 @@ def test_params_cli_on_florence2_large_offline(capsys):
     assert round(out["total"] / 1e9, 2) == 0.79  # 0.77B backbone + the modules
 
 
-@pytest.mark.parametrize("kind", ("florence2", "blip2"))
+@pytest.mark.parametrize("kind", ("florence2", "blip2", "instructblip"))
 def test_gate_reads_the_spec_input(vlm_folders, kind):
     """Spec §1.5: post-LN BART (Florence-2) gates read the layer / sub-layer input; pre-LN T5 (Flan-T5) gates read
     the residual stream before the sub-layer's norm (the FFN is T5DenseGatedActDense, `DenseReluDense`)."""
