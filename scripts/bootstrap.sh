@@ -45,7 +45,8 @@ job="${1:-demo}"
 shift || true
 case "$job" in
   demo)  exec "$VENV/bin/vlpet" demo "$@" ;;
-  test)  exec "$VENV/bin/python" -m pytest "$@" ;;
+  # Two workers, one test file each at a time (files share their built models); VLPET_TEST_WORKERS=0 runs in one process.
+  test)  exec "$VENV/bin/python" -m pytest -n "${VLPET_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
   vlpet) exec "$VENV/bin/vlpet" "$@" ;;
   *) echo "usage: bash scripts/bootstrap.sh demo|test|vlpet [args...]" >&2; exit 2 ;;
 esac
