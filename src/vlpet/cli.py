@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.tasks import task_names
 
     ap = argparse.ArgumentParser(prog="vlpet", description="VL-PET: vision-and-language parameter-efficient tuning "
-                                 "via granularity control (ICCV 2023), on unmodified Hugging Face encoder-decoders.",
+                                 "via granularity control (ICCV 2023), on unmodified Hugging Face models: VL-BART / VL-T5, "
+                                 "Florence-2, BLIP-2 / InstructBLIP and decoder-only VLMs.",
                                  epilog="`vlpet COMMAND --help` shows a command's options.")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks")
     # Without a metavar argparse lists the commands in the usage line, so a bare `vlpet` shows them.
