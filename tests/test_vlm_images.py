@@ -371,3 +371,25 @@ def test_train_from_images_on_blip2_and_instructblip(kind, fx, tmp_path):
     assert rc == 0 and (tmp_path / "run" / "adapter-last" / "adapter_model.safetensors").is_file()
     for task in ("gqa", "nlvr", "caption"):
         assert losses[task][-1] < losses[task][0] - 1.0, (task, losses[task])
+
+
+def test_hyperformer_trains_and_evaluates_from_images(florence_dir, fx, tmp_path):
+    # hyperformer's adapters read the task embedding: every native forward / generate must pass the task
+    from vlpet.train.loop import Trainer
+
+    tasks, original = [], Trainer._train_micro_step
+
+    def step(self, batch):
+        tasks.append(batch["task"])
+        return original(self, batch)
+
+    Trainer._train_micro_step = step
+    try:
+        rc = main(["train", "--backbone", str(florence_dir), "--method", "hyperformer", "--data-root",
+                   str(fx.data.root), "--image-root", str(fx.image_root), "--output", str(tmp_path / "run"),
+                   "--batch-size", "6", "--max-steps", "3", "--limit-eval", "6", "--no-test", "--device", "cpu",
+                   "--no-progress", "--image-cache-dir", str(tmp_path / "cache")])
+    finally:
+        Trainer._train_micro_step = original
+    assert rc == 0 and len(set(tasks)) >= 2
+    assert (tmp_path / "run" / "adapter-last" / "adapter_model.safetensors").is_file()

@@ -112,12 +112,12 @@ def _predict_native(model, b, qids, spec, tokenizer, cls_ids, prefix, preds, gol
     inputs = native_inputs(b)
     if cls_ids is not None:
         dec = torch.tensor([prefix] * len(qids), device=b["input_ids"].device)
-        logits = model(**inputs, decoder_input_ids=dec).logits[:, -1, cls_ids].float()
+        logits = model(**inputs, decoder_input_ids=dec, task=spec.name).logits[:, -1, cls_ids].float()
         for q, row in zip(qids, logits.tolist()):
             preds[q] = int(row[1] > row[0])  # true iff logit[true] > logit[false]
             gold["logits"][q] = row
         return
-    ids = model.generate(**inputs, **spec.decode_kwargs())
+    ids = model.generate(**inputs, task=spec.name, **spec.decode_kwargs())
     for q, t in zip(qids, tokenizer.batch_decode(ids, skip_special_tokens=True)):
         preds[q] = t.strip()
 
@@ -250,7 +250,7 @@ def collect_gates(model, batches: dict[str, dict], device, precision: str = "fp3
                 if batch.get("native"):
                     from ..data.images import native_inputs
 
-                    model(**native_inputs(b), labels=b["target_ids"])
+                    model(**native_inputs(b), labels=b["target_ids"], task=task)
                 else:
                     model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"], labels=b["target_ids"],
                           task=task, vis_attention_mask=b.get("vis_attention_mask"))

@@ -534,7 +534,8 @@ class Trainer:
             if batch.get("native"):  # the VLM's own inputs (input_ids, pixel_values or image_features, ...)
                 from ..data.images import native_inputs
 
-                out = self.forward_model(**native_inputs(b), labels=b["target_ids"], return_loss=False)
+                out = self.forward_model(**native_inputs(b), labels=b["target_ids"], task=batch["task"],
+                                         return_loss=False)  # task: hyperformer's task embedding
             else:
                 out = self.forward_model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"],
                                          vis_attention_mask=b.get("vis_attention_mask"), labels=b["target_ids"],

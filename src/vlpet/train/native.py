@@ -190,5 +190,5 @@ def answer(checkpoint, image, question: str = "", task: str = "vqa", backbone: s
     inputs = {k: v.to(dev) for k, v in native_inputs(dict(enc)).items()}
     spec = get_task_spec(task, caption_no_repeat_ngram_size=run.get("caption_no_repeat_ngram_size", 0))
     with torch.no_grad(), autocast(dev, precision):
-        ids = model.generate(**inputs, **spec.decode_kwargs())
+        ids = model.generate(**inputs, task=task, **spec.decode_kwargs())
     return processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
