@@ -393,3 +393,23 @@ def test_hyperformer_trains_and_evaluates_from_images(florence_dir, fx, tmp_path
         Trainer._train_micro_step = original
     assert rc == 0 and len(set(tasks)) >= 2
     assert (tmp_path / "run" / "adapter-last" / "adapter_model.safetensors").is_file()
+
+
+def test_load_vlm_with_overrides_builds_the_vlm_once(florence_dir, florence, monkeypatch):
+    import vlpet.model
+    from vlpet.method import MethodConfig
+    from vlpet.train.native import load_vlm
+
+    real, built = vlpet.model.load_backbone, []
+
+    def counting(name, **kw):
+        if not kw.get("meta"):
+            built.append(name)
+        return real(name, **kw)
+
+    monkeypatch.setattr(vlpet.model, "load_backbone", counting)
+    overrides = {"task_prompts": False, "add_biases": True}
+    model = load_vlm(str(florence_dir), "vl-pet-large", 0, overrides)
+    assert built == [str(florence_dir)]
+    # the preset as VLModel.build sizes it for this VLM, with the overrides on top
+    assert model.method == MethodConfig.from_dict({**florence.method.to_dict(), **overrides})

@@ -44,12 +44,9 @@ def load_vlm(backbone: str, method, seed: int, overrides: dict | None = None):
     """`VLModel.build` of a VLM with its processor; ConfigError when the backbone reads features or has no processor."""
     from ..model import VLModel
 
-    model = VLModel.build(backbone, method, seed=seed)
     if overrides:
-        from ..method import MethodConfig
-
-        method = MethodConfig.from_dict({**model.method.to_dict(), **overrides}, "--method-overrides")
-        model = VLModel.build(backbone, method, seed=seed)
+        method = resolve_vlm_method(backbone, method, overrides)
+    model = VLModel.build(backbone, method, seed=seed)  # once: preset and overrides are resolved first
     if not getattr(model, "native_inputs", False):
         raise ConfigError(f"--image-root: backbone {backbone!r} reads precomputed image features (VL-BART / VL-T5); "
                           f"raw images need a Florence-2, BLIP-2 or InstructBLIP backbone (or drop --image-root)")
@@ -58,6 +55,23 @@ def load_vlm(backbone: str, method, seed: int, overrides: dict | None = None):
                           f"name has none); use a hub id or a folder that holds the processor files "
                           f"(processor.save_pretrained)")
     return model
+
+
+def resolve_vlm_method(backbone: str, method, overrides: dict):
+    """The preset (sized as VLModel.build sizes it for this VLM) with the --method-overrides applied, read
+    from the backbone's config alone (a weightless meta build), so the VLM itself is built only once."""
+    from ..backbones import vlm
+    from ..backbones.arch import arch_for
+    from ..backbones.loading import load_backbone
+    from ..method import MethodConfig
+    from ..presets import get_preset
+
+    if isinstance(method, str):
+        config = load_backbone(backbone, meta=True).config
+        arch = arch_for(config.model_type, config)
+        method = get_preset(method, arch.family, d_model=vlm.lm_width(config)) if arch.image_path \
+            else get_preset(method, arch.family)
+    return MethodConfig.from_dict({**method.to_dict(), **overrides}, "--method-overrides")
 
 
 def build_native(trainer) -> None:
