@@ -413,3 +413,18 @@ def test_load_vlm_with_overrides_builds_the_vlm_once(florence_dir, florence, mon
     assert built == [str(florence_dir)]
     # the preset as VLModel.build sizes it for this VLM, with the overrides on top
     assert model.method == MethodConfig.from_dict({**florence.method.to_dict(), **overrides})
+
+
+@pytest.mark.parametrize("backbone", ["llava-1.5-7b", "smolvlm-2b"])
+def test_image_root_refuses_a_decoder_only_vlm_before_building_it(backbone, fx, tmp_path, capsys, monkeypatch):
+    import vlpet.model
+
+    def no_build(*a, **kw):  # a real build of the 7B model would be the late failure
+        raise AssertionError("the VLM was built")
+
+    monkeypatch.setattr(vlpet.model, "load_backbone", no_build)
+    rc = main(["train", "--backbone", backbone, "--data-root", str(fx.data.root), "--image-root", str(fx.image_root),
+               "--output", str(tmp_path / "run"), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "decoder-only" in err and "Florence-2, BLIP-2 and InstructBLIP" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()

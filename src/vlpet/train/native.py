@@ -41,15 +41,21 @@ def image_path_frozen(model) -> bool:
 
 
 def load_vlm(backbone: str, method, seed: int, overrides: dict | None = None):
-    """`VLModel.build` of a VLM with its processor; ConfigError when the backbone reads features or has no processor."""
+    """`VLModel.build` of an encoder-decoder VLM with its processor; ConfigError, before the weights are built,
+    when the backbone reads features or is a decoder-only VLM, and when it has no processor."""
     from ..model import VLModel
 
-    if overrides:
-        method = resolve_vlm_method(backbone, method, overrides)
-    model = VLModel.build(backbone, method, seed=seed)  # once: preset and overrides are resolved first
-    if not getattr(model, "native_inputs", False):
+    config, arch = _backbone_arch(backbone)  # the config alone: wrong backbones fail before a weight is built
+    if not arch.image_path:
         raise ConfigError(f"--image-root: backbone {backbone!r} reads precomputed image features (VL-BART / VL-T5); "
                           f"raw images need a Florence-2, BLIP-2 or InstructBLIP backbone (or drop --image-root)")
+    if arch.decoder_only:
+        raise ConfigError(f"--image-root: backbone {backbone!r} is a decoder-only VLM ({config.model_type}); "
+                          f"vlpet train --image-root supports the encoder-decoder VLMs Florence-2, BLIP-2 and "
+                          f"InstructBLIP (T5 language model)")
+    if overrides:
+        method = resolve_vlm_method(backbone, method, overrides, config=config)
+    model = VLModel.build(backbone, method, seed=seed)  # once: preset and overrides are resolved first
     if getattr(model, "processor", None) is None:
         raise ConfigError(f"--backbone {backbone}: no Hugging Face processor could be loaded (a built-in random-weight "
                           f"name has none); use a hub id or a folder that holds the processor files "
@@ -57,17 +63,25 @@ def load_vlm(backbone: str, method, seed: int, overrides: dict | None = None):
     return model
 
 
-def resolve_vlm_method(backbone: str, method, overrides: dict):
-    """The preset (sized as VLModel.build sizes it for this VLM) with the --method-overrides applied, read
-    from the backbone's config alone (a weightless meta build), so the VLM itself is built only once."""
-    from ..backbones import vlm
+def _backbone_arch(backbone: str):
     from ..backbones.arch import arch_for
     from ..backbones.loading import load_backbone
+
+    config = load_backbone(backbone, meta=True).config  # a weightless meta build
+    return config, arch_for(config.model_type, config)
+
+
+def resolve_vlm_method(backbone: str, method, overrides: dict, config=None):
+    """The preset (sized as VLModel.build sizes it for this VLM) with the --method-overrides applied, read
+    from the backbone's config alone, so the VLM itself is built only once."""
+    from ..backbones import vlm
+    from ..backbones.arch import arch_for
     from ..method import MethodConfig
     from ..presets import get_preset
 
     if isinstance(method, str):
-        config = load_backbone(backbone, meta=True).config
+        if config is None:
+            config = _backbone_arch(backbone)[0]
         arch = arch_for(config.model_type, config)
         method = get_preset(method, arch.family, d_model=vlm.lm_width(config)) if arch.image_path \
             else get_preset(method, arch.family)
