@@ -428,3 +428,23 @@ def test_image_root_refuses_a_decoder_only_vlm_before_building_it(backbone, fx, 
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "decoder-only" in err and "Florence-2, BLIP-2 and InstructBLIP" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_predict_reads_the_collators_inputs_on_instructblip(fx, tmp_path):
+    # InstructBLIP's Q-Former reads the bare question in training; predict --image must give it the same
+    from vlpet.train.native import predict_inputs
+
+    model = VLModel.build(str(make_tiny_instructblip(tmp_path / "model")), "vl-pet-large")
+    proc = model.processor
+    for task in ("vqa", "caption"):
+        ds = build_dataset(task, "val", fx.data.root, proc.tokenizer, image_root=fx.image_root,
+                           model_type="instructblip")
+        ex = ds.get_example(0, epoch=0)
+        want = native_inputs(NativeCollator(proc)([ex]))
+        got = predict_inputs(proc, "instructblip", task, ex["image"], ex["sent"])
+        assert set(got) == set(want) and "qformer_input_ids" in got
+        for k in want:
+            assert torch.equal(got[k], want[k]), (task, k)
+        if task == "vqa":  # the bare question, not the "Question: ... Answer:" prompt
+            q = proc.qformer_tokenizer([ex["sent"]], return_tensors="pt")["input_ids"]
+            assert ex["sent"] and torch.equal(got["qformer_input_ids"], q)

@@ -143,6 +143,21 @@ def vlm_prompt(model_type: str, task: str, sent: str = "") -> str:
     return f"Question: {sent} Answer:"
 
 
+def prompt_fields(model_type: str, task: str, sent: str = "") -> dict[str, str]:
+    """An example's ``text`` (the LM prompt) and ``qformer_text`` (InstructBLIP's Q-Former reads the bare
+    question / instruction, not the LM prompt); training, evaluation and ``predict --image`` all use this."""
+    text = vlm_prompt(model_type, task, sent)
+    return {"text": text, "qformer_text": sent or text}
+
+
+def question_example(model_type: str, task: str, image: ImageRef, question: str = "") -> dict[str, Any]:
+    """One unlabelled example (``vlpet predict --image``) in the form :class:`NativeCollator` takes, so that
+    prediction reads exactly the inputs training and evaluation read."""
+    return {"task": task, "image": image, "score": 1.0, "question_id": "0", "target_text": "", "targets": [],
+            "img_id": "", "sent": question, "label_dict": {}, "label": 0, "identifier": "",
+            **prompt_fields(model_type, task, question)}
+
+
 class NativeDataset(ImageTextDataset):
     """One task of the VL-Adapter layout read with images: examples carry ``image`` (an
     :class:`ImageRef`), ``text`` (the VLM prompt) and ``target_text``; the rest as the feature datasets."""
@@ -179,8 +194,7 @@ class NativeDataset(ImageTextDataset):
             target = img.refs[0 if k is None else k]
             ex.update(image=self._ref("COCO", img.img_id), question_id=img.img_id, target_text=target,
                       targets=list(img.refs), img_id=img.img_id, sent="")
-        ex["text"] = vlm_prompt(self.model_type, self.task, ex["sent"])
-        ex["qformer_text"] = ex["sent"] or ex["text"]  # InstructBLIP's Q-Former reads the instruction
+        ex.update(prompt_fields(self.model_type, self.task, ex["sent"]))
         return ex
 
     def image_ids(self) -> list[tuple[str, str]]:

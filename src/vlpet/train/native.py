@@ -191,7 +191,7 @@ def answer(checkpoint, image, question: str = "", task: str = "vqa", backbone: s
     ``task="caption"`` captions the image (no question)."""
     import torch
 
-    from ..data.images import ImageRef, open_image, native_inputs, vlm_prompt
+    from ..data.images import ImageRef, open_image
     from ..data.tasks import canonical_task, get_task_spec
     from .evaluate import autocast
     from .runs import _device, _load, _resolve
@@ -201,7 +201,8 @@ def answer(checkpoint, image, question: str = "", task: str = "vqa", backbone: s
         raise ConfigError(f"--task {task}: one image answers vqa, gqa or caption (NLVR2 needs two images)")
     if task != "caption" and not question.strip():
         raise ConfigError("--question: expected a non-empty question (or --task caption)")
-    img = open_image(ImageRef((str(image),)))  # a one-line DataError for a missing / unreadable file, first
+    ref = ImageRef((str(image),))
+    open_image(ref)  # a one-line DataError for a missing / unreadable file, first
     run, folders = _resolve(checkpoint)
     folder = folders[0][1]
     dev = _device(device)
@@ -213,10 +214,15 @@ def answer(checkpoint, image, question: str = "", task: str = "vqa", backbone: s
     if processor is None:
         raise ConfigError(f"{folder}: no processor for backbone {backbone or run.get('backbone')!r}; pass --backbone "
                           f"with a folder or hub id that holds the processor files")
-    text = vlm_prompt(vlm_model_type(model), task, question.strip())
-    enc = processor(images=[img], text=[text], return_tensors="pt")
-    inputs = {k: v.to(dev) for k, v in native_inputs(dict(enc)).items()}
+    inputs = {k: v.to(dev) for k, v in predict_inputs(processor, vlm_model_type(model), task, ref, question).items()}
     spec = get_task_spec(task, caption_no_repeat_ngram_size=run.get("caption_no_repeat_ngram_size", 0))
     with torch.no_grad(), autocast(dev, precision):
         ids = model.generate(**inputs, task=task, **spec.decode_kwargs())
     return processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+
+def predict_inputs(processor, model_type: str, task: str, ref, question: str = "") -> dict:
+    """The VLM inputs of one image + question, through the training collator (same prompt, same Q-Former text)."""
+    from ..data.images import NativeCollator, native_inputs, question_example
+
+    return native_inputs(NativeCollator(processor)([question_example(model_type, task, ref, question.strip())]))
