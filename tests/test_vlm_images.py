@@ -448,3 +448,25 @@ def test_predict_reads_the_collators_inputs_on_instructblip(fx, tmp_path):
         if task == "vqa":  # the bare question, not the "Question: ... Answer:" prompt
             q = proc.qformer_tokenizer([ex["sent"]], return_tensors="pt")["input_ids"]
             assert ex["sent"] and torch.equal(got["qformer_input_ids"], q)
+
+
+def test_cache_index_keeps_the_digests_of_every_writer(florence, tmp_path, monkeypatch):
+    # ranks fill disjoint shards and each saves digests.json: no writer may drop another's entries
+    import vlpet.data.image_cache as ic
+
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"img{i}.bin")
+        files[-1].write_bytes(bytes([i]) * 10)
+    refs = [ImageRef((str(f),)) for f in files]
+    a = ImageFeatureCache(tmp_path / "cache", "k", florence.processor)
+    b = ImageFeatureCache(tmp_path / "cache", "k", florence.processor)  # both read the empty index first
+    assert a.missing(refs[:2]) == refs[:2] and b.missing(refs[2:]) == refs[2:]  # each hashes and saves its half
+    want = {str(f): ic.file_digest(f) for f in files}
+    index = json.loads((tmp_path / "cache" / "digests.json").read_text())
+    assert {k: v[2] for k, v in index.items()} == want
+    monkeypatch.setattr(ic, "file_digest", lambda p: pytest.fail(f"{p} hashed again"))
+    a.reload_index()  # after the barrier: b's entries without hashing b's files
+    assert [a.digest(r) for r in refs] == list(want.values())
+    assert [ImageFeatureCache(tmp_path / "cache", "k", florence.processor).digest(r) for r in refs] == \
+        list(want.values())

@@ -21,9 +21,11 @@ complete entries and the next run computes the rest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Iterable
 
@@ -61,6 +63,22 @@ def processor_key(processor) -> str:
     return hashlib.blake2b(f"{type(ip).__name__}|{text}".encode(), digest_size=6).hexdigest()
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock on ``path`` (POSIX flock; without fcntl the atomic replace alone)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class ImageFeatureCache:
     """Frozen image features of one model + processor, keyed by image content."""
 
@@ -70,12 +88,8 @@ class ImageFeatureCache:
         self.root = Path(cache_dir)
         self.processor = processor
         self.dir = self.root / f"{model_key}-{processor_key(processor)}"
-        self._digests: dict[str, list] = {}
         self._index_path = self.root / "digests.json"
-        try:
-            self._digests = json.loads(self._index_path.read_text())
-        except (OSError, ValueError):
-            self._digests = {}
+        self._digests: dict[str, list] = self._read_index()
         self._index_dirty = False
 
     # -- keys -----------------------------------------------------------------------------------
@@ -100,13 +114,29 @@ class ImageFeatureCache:
         d = self.digest(ref)
         return self.dir / d[:2] / f"{d}.safetensors"
 
+    def _read_index(self) -> dict[str, list]:
+        try:
+            data = json.loads(self._index_path.read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: digests are recomputed
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def reload_index(self) -> None:
+        """Take in the digests other processes saved (after the ranks' shared cache fill)."""
+        self._digests = {**self._read_index(), **self._digests}
+
     def _save_index(self) -> None:
+        # Ranks fill disjoint shards of the cache: each merges its digests into the index on disk (read, update,
+        # atomic replace, under a lock) so that no rank's entries are lost to the last writer.
         if not self._index_dirty:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._index_path.with_name(f".digests.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self._digests))
-        os.replace(tmp, self._index_path)
+        with _locked(self._index_path.with_name(".digests.json.lock")):
+            merged = {**self._read_index(), **self._digests}
+            tmp = self._index_path.with_name(f".digests.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            tmp.write_text(json.dumps(merged))
+            os.replace(tmp, self._index_path)
+        self._digests = merged
         self._index_dirty = False
 
     # -- read / build ---------------------------------------------------------------------------

@@ -163,6 +163,7 @@ def _fill_cache(trainer, refs, desc: str) -> None:
     cache.build(trainer.model, todo, batch_size=32, device=trainer.device,
                 progress=trainer.cfg.progress and dist.is_main, desc=desc)
     barrier(dist)
+    cache.reload_index()  # the other ranks' digests: no file is hashed again
 
 
 def evaluate_native(trainer, model, split: str, desc: str):
