@@ -424,3 +424,14 @@ def test_metric_errors_are_vlpet_errors():
     assert issubclass(MetricError, (VLPetError, ValueError)) and issubclass(MetricKeyError, KeyError)
     assert issubclass(AnnotationFormatError, MetricError)
     assert issubclass(MissingDependencyError, (VLPetError, ImportError, RuntimeError))
+
+
+def test_a_non_str_prediction_is_a_metric_error_and_a_type_error():
+    from vlpet.metrics.captions import tokenize_captions
+    from vlpet.metrics.vqa import vqa_accuracy
+
+    for call in (lambda: vqa_accuracy({1: 3}, {1: {"answers": [{"answer": "3"}] * 10}}),
+                 lambda: tokenize_captions({1: 3}, {1: ["a cat"]}, tokenizer="simple")):
+        with pytest.raises(TypeError, match="must be a str") as err:  # TypeError, as before MetricError existed
+            call()
+        assert isinstance(err.value, MetricError)

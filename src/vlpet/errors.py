@@ -33,5 +33,9 @@ class MetricKeyError(MetricError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class MetricTypeError(MetricError, TypeError):
+    """A prediction or reference of the wrong type (a TypeError too, as it was before MetricError existed)."""
+
+
 class MissingDependencyError(VLPetError, ImportError, RuntimeError):
     """An optional tool a requested metric needs (pycocoevalcap, Java) is not installed; says how to get it."""

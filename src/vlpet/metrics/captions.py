@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ..errors import MetricError, MetricKeyError, MissingDependencyError
+from ..errors import MetricError, MetricKeyError, MetricTypeError, MissingDependencyError
 
 __all__ = [
     "CAPTION_METRICS",
@@ -129,7 +129,7 @@ def tokenize_captions(
         if isinstance(refs, str) or len(refs) == 0:
             raise MetricError(f"references of {i!r} must be a non-empty list of strings")
         if not isinstance(predictions[i], str):
-            raise MetricError(f"prediction for {i!r} must be a str, got {type(predictions[i]).__name__}")
+            raise MetricTypeError(f"prediction for {i!r} must be a str, got {type(predictions[i]).__name__}")
 
     use = tokenizer
     if tokenizer == "auto":

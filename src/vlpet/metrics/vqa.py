@@ -42,7 +42,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from ..errors import MetricError, MetricKeyError
+from ..errors import MetricError, MetricKeyError, MetricTypeError
 
 __all__ = [
     "ARTICLES",
@@ -295,7 +295,7 @@ def vqa_accuracy(
         except KeyError:
             raise MetricKeyError(f"no VQA annotations for predicted question id {qid!r}") from None
         if not isinstance(pred, str):
-            raise MetricError(f"prediction for question {qid!r} must be a str, got {type(pred).__name__}")
+            raise MetricTypeError(f"prediction for question {qid!r} must be a str, got {type(pred).__name__}")
         acc = vqa_question_accuracy(pred, gts, gt_processing=gt_processing)
         per_q[qid] = 100.0 * acc
         if answer_types is not None:
