@@ -470,3 +470,22 @@ def test_cache_index_keeps_the_digests_of_every_writer(florence, tmp_path, monke
     assert [a.digest(r) for r in refs] == list(want.values())
     assert [ImageFeatureCache(tmp_path / "cache", "k", florence.processor).digest(r) for r in refs] == \
         list(want.values())
+
+
+def test_cache_of_a_missing_file_is_a_data_error(florence, tmp_path):
+    cache = ImageFeatureCache(tmp_path / "cache", "k", florence.processor)
+    with pytest.raises(DataError, match="nope.png"):
+        cache.digest(ImageRef((str(tmp_path / "nope.png"),)))
+
+
+def test_cache_builds_with_an_image_processor_alone(florence, fx, tmp_path):
+    ip = florence.processor.image_processor
+    ds = build_dataset("vqa", "train", fx.data.root, florence.tokenizer, image_root=fx.image_root,
+                       model_type="florence2")
+    refs = ds.image_refs()[:2]
+    a = ImageFeatureCache(tmp_path / "a", "k", ip)
+    assert a.build(florence, refs, progress=False) == 2
+    b = ImageFeatureCache(tmp_path / "b", "k", florence.processor)  # the same image settings: the same features
+    b.build(florence, refs, progress=False)
+    for r in refs:
+        assert torch.equal(a.load(r), b.load(r))

@@ -94,7 +94,10 @@ class ImageFeatureCache:
 
     # -- keys -----------------------------------------------------------------------------------
     def _file_digest(self, path: str) -> str:
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:  # the same one-line error as file_digest's
+            raise DataError(path, "a readable image file", got=f"{type(exc).__name__}: {exc}"[:160]) from exc
         stamp = [st.st_size, st.st_mtime_ns]
         hit = self._digests.get(path)
         if hit is not None and hit[:2] == stamp:
@@ -175,7 +178,7 @@ class ImageFeatureCache:
         if param is None:
             param = next(model.parameters(), None)
         device = device or (param.device if param is not None else "cpu")
-        ip = self.processor.image_processor
+        ip = getattr(self.processor, "image_processor", self.processor)  # a processor, or an image processor alone
         try:
             with tqdm(total=len(todo), desc=desc, disable=not progress, unit="img", dynamic_ncols=True) as bar:
                 for start in range(0, len(todo), batch_size):
