@@ -93,7 +93,6 @@ def build_native(trainer) -> None:
     import dataclasses
 
     from ..data import build_dataset, task_batch_sizes
-    from ..data.image_cache import ImageFeatureCache, default_cache_dir
     from ..data.images import ImageRoot, NativeCollator
     from ..data.tasks import get_task_spec
     from ..frozen_precision import apply_frozen_dtype
@@ -138,11 +137,8 @@ def build_native(trainer) -> None:
     trainer.model = model.to(trainer.device)
     apply_frozen_dtype(trainer.model, cfg.frozen_dtype, cfg.precision)
     trainer.feat_dim = None
-    cache = None
-    if cfg.image_cache and image_path_frozen(trainer.model):
-        cache = ImageFeatureCache(Path(cfg.image_cache_dir) if cfg.image_cache_dir else default_cache_dir(),
-                                  trainer.model.image_features_key(), processor)
-    elif cfg.image_cache and trainer.dist.is_main:
+    cache = open_feature_cache(trainer.model, cfg.image_cache, cfg.image_cache_dir)
+    if cfg.image_cache and cache is None and trainer.dist.is_main:
         print("vlpet: image feature cache off: the method trains part of the vision path, so its features change")
     trainer.native = dataclasses.make_dataclass("Native", ["image_root", "model_type", "cache", "collate"])(
         image_root, model_type, cache, NativeCollator(processor, cache))
@@ -150,6 +146,30 @@ def build_native(trainer) -> None:
         refs = [r for ds in train_sets.values() for r in ds.image_refs()]
         _fill_cache(trainer, refs, "cache train images")
     trainer._build_training(sizes, per_process, train_sets, collate_fn=trainer.native.collate)
+
+
+def open_feature_cache(model, enabled: bool, cache_dir=None):
+    """The disk cache of the model's frozen image features (train, evaluate, `vlpet eval`), or None when
+    it is off or the method trains part of the image path (its features change)."""
+    from ..data.image_cache import ImageFeatureCache, default_cache_dir
+
+    if not enabled or not image_path_frozen(model):
+        return None
+    return ImageFeatureCache(Path(cache_dir) if cache_dir else default_cache_dir(), model.image_features_key(),
+                             model.processor)
+
+
+def cache_prepare(cache, model, device, progress: bool, label: str = "", build: bool = True):
+    """evaluate_model's ``prepare``: cache a dataset's image features before it is predicted (None: no cache)."""
+    if cache is None:
+        return None
+
+    def prepare(ds):
+        if build:
+            cache.build(model, ds.image_refs(), batch_size=32, device=device, progress=progress,
+                        desc=f"cache {ds.task} {label}images")
+
+    return prepare
 
 
 def _fill_cache(trainer, refs, desc: str) -> None:
@@ -171,13 +191,9 @@ def evaluate_native(trainer, model, split: str, desc: str):
 
     cfg = trainer.cfg
     native = trainer.native
-    prepare = None
-    if native.cache is not None:
-        def prepare(ds):
-            if trainer.dist.is_main:
-                native.cache.build(model, ds.image_refs(), batch_size=32, device=trainer.device,
-                                   progress=cfg.progress, desc=f"cache {ds.task} {split} images")
-
+    # the main process fills the cache for evaluation (the others read the features it wrote)
+    prepare = cache_prepare(native.cache, model, trainer.device, cfg.progress, f"{split} ",
+                            build=trainer.dist.is_main)
     return evaluate_model(model, trainer.tokenizer, cfg.data_root, trainer.tasks, split, trainer.specs,
                           feat_dim=None, feature_dirname=cfg.feature_dirname, batch_sizes=trainer.eval_batch,
                           device=trainer.device, precision=cfg.precision, limit=cfg.limit_eval,

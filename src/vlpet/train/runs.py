@@ -78,9 +78,8 @@ def _native_kwargs(model, run: dict, image_root, image_cache: bool | None, dev, 
             raise ConfigError("--image-root: this adapter tunes a backbone that reads precomputed features "
                               "(VL-BART / VL-T5); drop --image-root")
         return {}
-    from ..data.image_cache import ImageFeatureCache, default_cache_dir
     from ..data.images import ImageRoot, NativeCollator
-    from .native import image_path_frozen, vlm_model_type
+    from .native import cache_prepare, open_feature_cache, vlm_model_type
 
     image_root = image_root or run.get("image_root")
     if not image_root:
@@ -88,18 +87,9 @@ def _native_kwargs(model, run: dict, image_root, image_cache: bool | None, dev, 
     if model.processor is None:
         raise ConfigError("the VLM has no processor here; pass --backbone with a folder or hub id that holds one")
     use_cache = run.get("image_cache", True) if image_cache is None else image_cache
-    cache = None
-    if use_cache and image_path_frozen(model):
-        cache_dir = run.get("image_cache_dir") or default_cache_dir()
-        cache = ImageFeatureCache(cache_dir, model.image_features_key(), model.processor)
-
-    def prepare(ds):
-        if cache is not None:
-            cache.build(model, ds.image_refs(), batch_size=32, device=dev, progress=progress,
-                        desc=f"cache {ds.task} images")
-
+    cache = open_feature_cache(model, use_cache, run.get("image_cache_dir"))
     return {"image_root": ImageRoot(image_root), "model_type": vlm_model_type(model),
-            "collate_fn": NativeCollator(model.processor, cache), "prepare": prepare}
+            "collate_fn": NativeCollator(model.processor, cache), "prepare": cache_prepare(cache, model, dev, progress)}
 
 
 def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbone=None, batch_size=100,
@@ -183,7 +173,7 @@ def predict_checkpoint(checkpoint, data_root, task, output, split="test", backbo
                        limit=limit, mask_padded_frames=_mask_frames(run, unmasked_frames),
                        image_root=native.get("image_root"), model_type=native.get("model_type"),
                        check_features=bool(native))
-    if native:
+    if native.get("prepare") is not None:  # None: no feature cache
         native["prepare"](ds)
     loader = TaskBatchLoader(ds, batch_size, shuffle=False, pad_id=model.tokenizer.pad_token_id, task=task,
                              collate_fn=native.get("collate_fn"))
