@@ -276,6 +276,7 @@ class NativeCollator:
         self.cache = cache
         self._blank = None
         self._no_pixel_work = self._NO_PIXEL_WORK
+        self._specs: dict[str, Any] = {}  # task -> its TaskSpec, looked up once
 
     # With cached features the pixels are not needed, but the processor still lays out the text (image tokens
     # first). It gets a 1 x 1 blank image per example with every pixel step off: the token ids are those of the
@@ -341,9 +342,11 @@ class NativeCollator:
             batch["identifiers"] = [e["identifier"] for e in examples]
         return batch
 
-    @staticmethod
-    def _spec_of(example):
-        return get_task_spec(example["task"])
+    def _spec_of(self, example):
+        task = example["task"]
+        if task not in self._specs:
+            self._specs[task] = get_task_spec(task)
+        return self._specs[task]
 
 
 def native_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
