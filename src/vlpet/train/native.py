@@ -9,7 +9,9 @@ before the first trainable module is frozen; ``--no-image-cache`` runs the visio
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -18,16 +20,23 @@ FROZEN_IMAGE_PARTS = {"florence2": ("vision_tower",), "blip-2": ("vision_model",
                       "instructblip": ("vision_model",)}
 
 
+@dataclasses.dataclass
+class NativeSetup:
+    """What the trainer keeps for raw images (``trainer.native``)."""
+
+    image_root: Any
+    model_type: str
+    cache: Any  # ImageFeatureCache or None
+    collate: Any  # NativeCollator
+
+
 def vlm_model_type(model) -> str:
     backbone = getattr(model, "backbone", model)
     return str(getattr(model, "model_type", None) or backbone.config.model_type)
 
 
 def image_path_frozen(model) -> bool:
-    """True when no trainable tensor lies in the part of the image path that ``frozen_image_features``
-    runs (the model says so itself if it has ``image_path_frozen()``)."""
-    if hasattr(model, "image_path_frozen"):
-        return bool(model.image_path_frozen())
+    """True when no trainable tensor lies in the part of the image path that ``frozen_image_features`` runs."""
     arch_parts = getattr(getattr(model, "arch", None), "vision_parts", None)
     if arch_parts:  # the architecture table's frozen vision parts, e.g. "model.vision_tower"
         backbone = getattr(model, "backbone", model)
@@ -90,8 +99,6 @@ def resolve_vlm_method(backbone: str, method, overrides: dict, config=None):
 
 def build_native(trainer) -> None:
     """Trainer._build for raw images: the VLM, its processor, image datasets, the feature cache."""
-    import dataclasses
-
     from ..data import build_dataset, task_batch_sizes
     from ..data.images import ImageRoot, NativeCollator
     from ..data.tasks import get_task_spec
@@ -117,8 +124,7 @@ def build_native(trainer) -> None:
     trainer.tokenizer = processor.tokenizer
     if getattr(trainer.tokenizer, "pad_token_id", None) is None:
         raise ConfigError(f"--backbone {cfg.backbone}: its tokenizer has no pad token")
-    family = getattr(getattr(model, "arch", None), "family", "t5" if model_type != "florence2" else "bart")
-    defaults = train_defaults(cfg.method, family)
+    defaults = train_defaults(cfg.method, model.arch.family)
     trainer.epochs = cfg.epochs or defaults.epochs
     trainer.lr = cfg.lr or defaults.lr
     world = trainer.dist.world_size
@@ -140,8 +146,7 @@ def build_native(trainer) -> None:
     cache = open_feature_cache(trainer.model, cfg.image_cache, cfg.image_cache_dir)
     if cfg.image_cache and cache is None and trainer.dist.is_main:
         print("vlpet: image feature cache off: the method trains part of the vision path, so its features change")
-    trainer.native = dataclasses.make_dataclass("Native", ["image_root", "model_type", "cache", "collate"])(
-        image_root, model_type, cache, NativeCollator(processor, cache))
+    trainer.native = NativeSetup(image_root, model_type, cache, NativeCollator(processor, cache))
     if cache is not None:
         refs = [r for ds in train_sets.values() for r in ds.image_refs()]
         _fill_cache(trainer, refs, "cache train images")
