@@ -489,3 +489,13 @@ def test_cache_builds_with_an_image_processor_alone(florence, fx, tmp_path):
     b.build(florence, refs, progress=False)
     for r in refs:
         assert torch.equal(a.load(r), b.load(r))
+
+
+def test_an_items_image_is_found_once(fx, florence, monkeypatch):
+    from vlpet.data.images import ImageRoot
+
+    ds = build_dataset("nlvr", "train", fx.data.root, florence.tokenizer, image_root=fx.image_root,
+                       model_type="florence2")
+    first = [ds.get_example(i, epoch=0)["image"] for i in range(len(ds))]
+    monkeypatch.setattr(ImageRoot, "find", lambda *a: pytest.fail("looked up again"))
+    assert [ds.get_example(i, epoch=1)["image"] for i in range(len(ds))] == first

@@ -172,6 +172,7 @@ class NativeDataset(ImageTextDataset):
         self.pad_id = getattr(tokenizer, "pad_token_id", None)
         self.image_root = image_root
         self.model_type = model_type
+        self._refs: dict[int, ImageRef] = {}  # item -> its resolved image paths (found on first use, then kept)
 
     def _ref(self, source: str, *img_ids: str) -> ImageRef:
         return ImageRef(tuple(str(self.image_root.path(source, i)) for i in img_ids))
@@ -181,18 +182,18 @@ class NativeDataset(ImageTextDataset):
         ex: dict[str, Any] = {"task": self.task, "score": 1.0}
         if self.task in ("vqa", "gqa"):
             answer, score = sample_answer(rec.label, rng) if self.mode == "train" else best_answer(rec.label)
-            ex.update(image=self._ref(source, rec.img_id), question_id=rec.question_id, score=score,
+            ex.update(image=self._example_ref(index), question_id=rec.question_id, score=score,
                       target_text=answer, targets=sorted(rec.label, key=lambda a: -rec.label[a]),
                       label_dict=dict(rec.label), img_id=rec.img_id, sent=rec.sent)
         elif self.task == "nlvr":
             text = self.spec.classes[rec.label]
-            ex.update(image=self._ref(source, rec.img0, rec.img1), question_id=rec.uid, target_text=text,
+            ex.update(image=self._example_ref(index), question_id=rec.uid, target_text=text,
                       targets=[text], label=rec.label, identifier=rec.identifier, img_id=(rec.img0, rec.img1),
                       sent=rec.sent)
         else:
             img, k = rec, source  # caption items are (image, caption index or None)
             target = img.refs[0 if k is None else k]
-            ex.update(image=self._ref("COCO", img.img_id), question_id=img.img_id, target_text=target,
+            ex.update(image=self._example_ref(index), question_id=img.img_id, target_text=target,
                       targets=list(img.refs), img_id=img.img_id, sent="")
         ex.update(prompt_fields(self.model_type, self.task, ex["sent"]))
         return ex
@@ -209,12 +210,17 @@ class NativeDataset(ImageTextDataset):
         return list(dict.fromkeys(self._example_ref(i) for i in range(len(self.items))))
 
     def _example_ref(self, index: int) -> ImageRef:
-        rec, source = self.items[index]
-        if self.task == "nlvr":
-            return self._ref(source, rec.img0, rec.img1)
-        if self.task == "caption":
-            return self._ref("COCO", rec.img_id)
-        return self._ref(source, rec.img_id)
+        ref = self._refs.get(index)
+        if ref is None:  # a file-system lookup per extension: once per item, not once per epoch
+            rec, source = self.items[index]
+            if self.task == "nlvr":
+                ref = self._ref(source, rec.img0, rec.img1)
+            elif self.task == "caption":
+                ref = self._ref("COCO", rec.img_id)
+            else:
+                ref = self._ref(source, rec.img_id)
+            self._refs[index] = ref
+        return ref
 
     def check_features(self) -> None:
         """DataError for the first missing image file (and how many are missing), before any work."""
