@@ -499,3 +499,11 @@ def test_an_items_image_is_found_once(fx, florence, monkeypatch):
     first = [ds.get_example(i, epoch=0)["image"] for i in range(len(ds))]
     monkeypatch.setattr(ImageRoot, "find", lambda *a: pytest.fail("looked up again"))
     assert [ds.get_example(i, epoch=1)["image"] for i in range(len(ds))] == first
+
+
+def test_predict_image_names_the_one_image_tasks_of_the_registry(tmp_path):
+    from vlpet.errors import ConfigError
+    from vlpet.train.native import answer
+
+    with pytest.raises(ConfigError, match=r"--task nlvr: one image answers vqa, gqa, caption \(NLVR2"):
+        answer(tmp_path / "run", tmp_path / "x.png", "q", task="nlvr")

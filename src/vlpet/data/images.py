@@ -35,7 +35,7 @@ from .datasets import ImageTextDataset, best_answer, sample_answer
 from .errors import DataError
 from .layout import VLAdapterLayout, resolve_data_root
 from .records import read_coco_karpathy, read_gqa, read_nlvr2, read_vqa
-from .tasks import TaskSpec, canonical_task, get_task_spec
+from .tasks import TaskSpec, canonical_task, get_task_spec, task_entry, task_names
 
 __all__ = ["ImageRef", "ImageRoot", "open_image", "vlm_prompt", "NativeDataset", "build_image_dataset",
            "NativeCollator", "NATIVE_INPUT_KEYS", "IMAGE_EXTENSIONS", "VLM_TYPES"]
@@ -172,6 +172,7 @@ class NativeDataset(ImageTextDataset):
         self.pad_id = getattr(tokenizer, "pad_token_id", None)
         self.image_root = image_root
         self.model_type = model_type
+        self.kind = task_entry(self.task).kind  # qa / classification (two images) / caption
         self._refs: dict[int, ImageRef] = {}  # item -> its resolved image paths (found on first use, then kept)
 
     def _ref(self, source: str, *img_ids: str) -> ImageRef:
@@ -180,12 +181,12 @@ class NativeDataset(ImageTextDataset):
     def _example(self, index: int, rng: random.Random) -> dict[str, Any]:
         rec, source = self.items[index]
         ex: dict[str, Any] = {"task": self.task, "score": 1.0}
-        if self.task in ("vqa", "gqa"):
+        if self.kind == "qa":
             answer, score = sample_answer(rec.label, rng) if self.mode == "train" else best_answer(rec.label)
             ex.update(image=self._example_ref(index), question_id=rec.question_id, score=score,
                       target_text=answer, targets=sorted(rec.label, key=lambda a: -rec.label[a]),
                       label_dict=dict(rec.label), img_id=rec.img_id, sent=rec.sent)
-        elif self.task == "nlvr":
+        elif self.kind == "classification":  # NLVR2: two images
             text = self.spec.classes[rec.label]
             ex.update(image=self._example_ref(index), question_id=rec.uid, target_text=text,
                       targets=[text], label=rec.label, identifier=rec.identifier, img_id=(rec.img0, rec.img1),
@@ -199,9 +200,9 @@ class NativeDataset(ImageTextDataset):
         return ex
 
     def image_ids(self) -> list[tuple[str, str]]:
-        if self.task == "nlvr":
+        if self.kind == "classification":
             return [(s, i) for r, s in self.items for i in (r.img0, r.img1)]
-        if self.task == "caption":
+        if self.kind == "caption":
             return [("COCO", img.img_id) for img, _ in self.items]
         return [(s, r.img_id) for r, s in self.items]
 
@@ -213,9 +214,9 @@ class NativeDataset(ImageTextDataset):
         ref = self._refs.get(index)
         if ref is None:  # a file-system lookup per extension: once per item, not once per epoch
             rec, source = self.items[index]
-            if self.task == "nlvr":
+            if self.kind == "classification":
                 ref = self._ref(source, rec.img0, rec.img1)
-            elif self.task == "caption":
+            elif self.kind == "caption":
                 ref = self._ref("COCO", rec.img_id)
             else:
                 ref = self._ref(source, rec.img_id)
@@ -242,8 +243,9 @@ def build_image_dataset(task: str, split: str, data_root, image_root, tokenizer,
     """The raw-image dataset of one task and split (same records and split semantics as
     :func:`vlpet.data.build_dataset`, whose ``image_root=`` calls this)."""
     task = canonical_task(task)
-    if task not in ("vqa", "gqa", "nlvr", "caption"):
-        raise DataError(image_root, "an image-text task (vqa, gqa, nlvr, caption) for --image-root", got=repr(task))
+    if task not in task_names("image"):
+        raise DataError(image_root, f"an image-text task ({', '.join(task_names('image'))}) for --image-root",
+                        got=repr(task))
     layout = layout or VLAdapterLayout(resolve_data_root(data_root))
     root = image_root if isinstance(image_root, ImageRoot) else ImageRoot(image_root)
     spec = spec or get_task_spec(task)
@@ -341,9 +343,10 @@ class NativeCollator:
             target_texts=[e["target_text"] for e in examples], img_ids=[e["img_id"] for e in examples],
             sents=[e["sent"] for e in examples],
         )
-        if task in ("vqa", "gqa"):
+        kind = task_entry(task).kind
+        if kind == "qa":
             batch["label_dicts"] = [e["label_dict"] for e in examples]
-        if task == "nlvr":
+        if kind == "classification":
             batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
             batch["identifiers"] = [e["identifier"] for e in examples]
         return batch

@@ -214,13 +214,14 @@ def answer(checkpoint, image, question: str = "", task: str = "vqa", backbone: s
     import torch
 
     from ..data.images import ImageRef, open_image
-    from ..data.tasks import canonical_task, get_task_spec
+    from ..data.tasks import canonical_task, get_task_spec, task_entry, task_names
     from .evaluate import autocast
     from .runs import _device, _load, _resolve
 
     task = canonical_task(task)
-    if task not in ("vqa", "gqa", "caption"):
-        raise ConfigError(f"--task {task}: one image answers vqa, gqa or caption (NLVR2 needs two images)")
+    one_image = [t for t in task_names("image") if task_entry(t).kind != "classification"]  # NLVR2: two images
+    if task not in one_image:
+        raise ConfigError(f"--task {task}: one image answers {', '.join(one_image)} (NLVR2 needs two images)")
     if task != "caption" and not question.strip():
         raise ConfigError("--question: expected a non-empty question (or --task caption)")
     ref = ImageRef((str(image),))
