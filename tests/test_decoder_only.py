@@ -415,3 +415,14 @@ def test_gate_reads_the_residual_stream_before_the_norm(folders, family):
     for name in ("self_attn", "mlp"):
         torch.testing.assert_close(seen[name], norm_in[name][0], rtol=0, atol=0)
         assert not torch.allclose(seen[name], norm_in[name][1])
+
+
+def test_return_loss_false_keeps_the_answer_logits(folders):
+    """The trainers' call (return_loss=False): same [B, T, V] answer logits as with the loss, and no loss."""
+    ids, mask, labels, kw = batch("llava")
+    model = VLModel.build(str(folders["llava"]), "vl-pet-small")
+    perturb(model)
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, return_loss=False, **kw)
+    assert out.loss is None
+    torch.testing.assert_close(out.logits, ref.logits)

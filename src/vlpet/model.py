@@ -522,14 +522,11 @@ class VLModel(nn.Module):
 
         VLM backbones take the VLM's own inputs (`model(**processor(images=..., text=...), labels=...)`):
         `pixel_values` (or `image_features` from `frozen_image_features`), and InstructBLIP's `qformer_*`."""
-        if labels is not None and not return_loss:
-            if decoder_input_ids is None:
-                decoder_input_ids = (self._shift_labels(labels) if self.native_inputs
-                                     else self.backbone.prepare_decoder_input_ids_from_labels(labels=labels))
-            labels = None
         # A teacher-forced forward needs no KV cache; building one costs time, and in transformers 5.17 its
         # constructor (a config deepcopy) breaks torch.compile's graph. Generation passes its own.
         kwargs.setdefault("use_cache", False)
+        # decoder-only first: it needs the labels themselves to build [prompt ; answer] (and skips the loss
+        # itself when return_loss is False); the shift below is the encoder-decoder's teacher forcing
         if self.arch.decoder_only:  # [prompt ; answer] through the decoder-only VLM's own forward (issue 20)
             if vis_feats is not None or image_features is not None:
                 raise ShapeError("decoder-only VLMs take pixel_values (and their processor's image inputs); "
@@ -538,6 +535,11 @@ class VLModel(nn.Module):
                 return decoder_only.forward(self, input_ids, attention_mask, labels, return_loss,
                                             dict(kwargs, pixel_values=pixel_values) if pixel_values is not None
                                             else kwargs)
+        if labels is not None and not return_loss:
+            if decoder_input_ids is None:
+                decoder_input_ids = (self._shift_labels(labels) if self.native_inputs
+                                     else self.backbone.prepare_decoder_input_ids_from_labels(labels=labels))
+            labels = None
         if self.native_inputs:
             if vis_feats is not None:
                 raise ShapeError("vis_feats is the VL-BART feature path; this model takes pixel_values "
