@@ -426,3 +426,45 @@ def test_return_loss_false_keeps_the_answer_logits(folders):
     out = model(input_ids=ids, attention_mask=mask, labels=labels, return_loss=False, **kw)
     assert out.loss is None
     torch.testing.assert_close(out.logits, ref.logits)
+
+
+def test_recompute_refuses_the_causal_small_gate(folders):
+    """Its prefix mean reads the call's PrefixState, cleared before the backward: refused, not a crash there."""
+    from vlpet.recompute import set_recompute
+
+    model = VLModel.build(str(folders["llava"]), "vl-pet-small")
+    with pytest.raises(ConfigError, match="causal G_small"):
+        set_recompute(model, True)
+    assert set_recompute(model, False) > 0  # switching off stays allowed
+
+
+def test_recompute_prefix_value_adapter_equals_stored_and_recomputes(folders):
+    """The prefix-only value adapter goes through run_pet: same logits and gradients, and its adapter runs
+    again in the backward (it was counted as switched on but never recomputed)."""
+    from vlpet.recompute import set_recompute
+
+    ids, mask, labels, kw = batch("llava")
+    model = VLModel.build(str(folders["llava"]), "vl-pet-large")
+    perturb(model)
+    prefix = [m for m in model.modules() if isinstance(m, decoder_only.PrefixParallelLinear)]
+    assert prefix
+    calls = []
+    # on the down-projection: the recompute may stop early (torch.utils.checkpoint) once it has what it needs
+    prefix[0].delta.down.register_forward_hook(lambda *a: calls.append(1))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, return_loss=False, **kw)
+        out.logits.float().square().mean().backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = step()
+    assert len(calls) == 1
+    set_recompute(model, True)
+    got, grads = step()
+    assert len(calls) == 2  # forward + recompute in the backward
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)

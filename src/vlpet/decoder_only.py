@@ -29,6 +29,7 @@ from .errors import ConfigError, ShapeError
 from .granularity import Gate, GateOptions, paper_granularities, register_gate
 from .method import VALUE_POSITIONS, LoraSpec, MethodConfig, ModuleSpec
 from .methods.adapter import ParallelLinear
+from .recompute import run_pet
 
 # -- the prefix state one VLModel call shares with its gates and value adapters ----------------------
 
@@ -111,12 +112,14 @@ class PrefixParallelLinear(_Bound, ParallelLinear):
         if self.disabled:
             return out
         st = self.prefix
+        # issue 19: run_pet recomputes the adapter in the backward when self.pet_recompute is set; the prefix
+        # is cut out here, before it, so the recompute does not depend on the (by then cleared) PrefixState
         if st is None or st.prefix_len is None:  # bare backbone call: every position is prefix
-            return out + self.delta(x)
+            return out + run_pet(self, self.delta, x)
         if st.read:  # a generation step after the prefix: an answer position
             return out
         n = min(st.prefix_len, x.shape[1])
-        delta = self.delta(x[:, :n]).to(out.dtype)
+        delta = run_pet(self, self.delta, x[:, :n]).to(out.dtype)
         return out + F.pad(delta, (0, 0, 0, x.shape[1] - n))
 
 
