@@ -468,3 +468,23 @@ def test_recompute_prefix_value_adapter_equals_stored_and_recomputes(folders):
     assert grads.keys() == ref_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("settings", ({"do_sample": True, "num_return_sequences": 2},
+                                      {"num_beams": 2, "num_return_sequences": 2}))
+def test_generate_several_sequences_per_prompt_with_causal_small(folders, settings):
+    """generate expands each prompt's rows (sampling or beams) before the prefix pass: the prefix mask
+    follows. Every returned row of a prompt starts from the same G_small as a forward of that prompt."""
+    ids, mask, _, kw = batch("llava")
+    model = VLModel.build(str(folders["llava"]), "vl-pet-small")
+    perturb(model)
+    gen = dict(GEN, **settings)
+    torch.manual_seed(0)
+    new = model.generate(ids, mask, max_new_tokens=3, **gen, **kw)
+    assert new.shape == (4, 3)
+    model.record_gates(True)
+    model(input_ids=ids, attention_mask=mask, **kw)
+    ref = model.gate_values()
+    model.generate(ids, mask, max_new_tokens=1, **gen, **kw)  # G is frozen after the prefix pass
+    for key, g in model.gate_values().items():
+        torch.testing.assert_close(g, ref[key].repeat_interleave(2, dim=0), msg=key)

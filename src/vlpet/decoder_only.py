@@ -90,7 +90,14 @@ class CausalSmallGate(_Bound, Gate):
         g = torch.sigmoid(F.linear(x, w[:, :d]) + F.linear(y, w[:, d:], self.proj.bias))  # [B, N, 1]
         if st is not None and st.prefix_len is not None:
             n = st.prefix_len
-            g, m = g[:, :n], st.mask[:, :n].to(g.device, g.dtype).unsqueeze(-1)
+            m = st.mask
+            if x.shape[0] != m.shape[0]:
+                # generate expands each prompt's rows before the prefix pass (beams, num_return_sequences)
+                if x.shape[0] % m.shape[0]:
+                    raise ShapeError(f"causal G_small: batch {x.shape[0]} is not a multiple of the prefix "
+                                     f"mask's {m.shape[0]}")
+                m = m.repeat_interleave(x.shape[0] // m.shape[0], dim=0)
+            g, m = g[:, :n], m[:, :n].to(g.device, g.dtype).unsqueeze(-1)
             out = (g * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
         else:  # a bare backbone call: no prefix known, the mean runs over this call's tokens
             out = g.mean(dim=1, keepdim=True)
@@ -310,12 +317,7 @@ def generate(model, input_ids, attention_mask, settings, kwargs):
     kw = _family_inputs(model.arch, model.backbone.config, input_ids, n, kwargs)
     settings.setdefault("pad_token_id", model._pad_id())
     state = model._prefix_state
-    if settings.get("num_beams", 1) > 1:
-        # beams are expanded before the prefix pass, so the prefix mask must be too
-        state.mask = mask.repeat_interleave(settings["num_beams"], dim=0)
-    else:
-        state.mask = mask
-    state.prefix_len, state.read = n, False
+    state.prefix_len, state.mask, state.read = n, mask, False  # CausalSmallGate expands it to the rows
     try:
         out = model.backbone.generate(input_ids=input_ids, attention_mask=mask, **kw, **settings)
     finally:
