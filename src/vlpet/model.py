@@ -394,19 +394,23 @@ class VLModel(nn.Module):
             masks.append(vmask)
         embeds = torch.cat(parts, dim=1)
         mask = torch.cat(masks, dim=1)
-        self.ctx.prompt_len, self.ctx.text_len, self.ctx.mask = prompt_len, length, mask
-        encoder = self.backbone.get_encoder()
+        enc = self._run_encoder(self.backbone.get_encoder(), embeds, mask, prompt_len, length)
+        return BaseModelOutput(last_hidden_state=enc.last_hidden_state), mask
+
+    def _run_encoder(self, encoder, embeds, mask, prompt_len: int, text_len: int):
+        """The encoder call of both input paths, with the JointContext active around it: the gates read the
+        joint mask from it (masked_mean), the VL-BART wrappers the text span."""
+        self.ctx.prompt_len, self.ctx.text_len, self.ctx.mask = prompt_len, text_len, mask
         if torch.compiler.is_compiling():
             # No try block while torch.compile traces: a graph break inside one (transformers 5.17's encoder has
             # a copy.deepcopy) makes dynamo compile every layer as its own graph (17 graphs instead of 2).
             enc = encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
             self.ctx.text_len, self.ctx.mask = None, None
-        else:
-            try:
-                enc = encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
-            finally:
-                self.ctx.text_len, self.ctx.mask = None, None
-        return BaseModelOutput(last_hidden_state=enc.last_hidden_state), mask
+            return enc
+        try:
+            return encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+        finally:
+            self.ctx.text_len, self.ctx.mask = None, None
 
     # -- the VLM's own input path (issue 18; vlpet.backbones.vlm) --------------------------------------
     def _check_native(self, what: str) -> None:
@@ -471,6 +475,8 @@ class VLModel(nn.Module):
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         if pixel_values is not None or image_features is not None:
             self._check_native("pixel_values / image_features")
+            if input_ids is None:  # checked before the (costly) image path runs
+                raise ShapeError("images need input_ids (their image tokens mark where the features go)")
             if image_features is None:
                 # no autograd graph through the frozen part unless something in it trains
                 image_features = vlm.frozen_features(self.backbone, self.arch.image_path, pixel_values)
@@ -478,19 +484,15 @@ class VLModel(nn.Module):
                 raise ShapeError(f"image batch {image_features.shape[0]} != text batch {b}")
             image_embeds = vlm.project(self.backbone, self.arch.image_path, image_features,
                                        qformer_input_ids, qformer_attention_mask)
-            if input_ids is None:
-                raise ShapeError("images need input_ids (their image tokens mark where the features go)")
             inputs_embeds = vlm.merge_image_tokens(self.backbone.config, input_ids, inputs_embeds, image_embeds)
         mask = attention_mask
+        text_len, prompt_len = inputs_embeds.shape[1], 0
         if self.prompt is not None and not self._adapters_disabled:
             inputs_embeds = torch.cat([self.prompt(b).to(inputs_embeds.dtype), inputs_embeds], dim=1)
             mask = torch.cat([torch.ones(b, self.prompt.length, dtype=mask.dtype, device=mask.device), mask], dim=1)
-        self.ctx.prompt_len, self.ctx.mask = (self.prompt.length if self.prompt is not None else 0), mask
-        encoder = self._seq2seq.get_encoder()
-        try:
-            enc = encoder(inputs_embeds=inputs_embeds, attention_mask=mask, return_dict=True)
-        finally:
-            self.ctx.mask = None
+            prompt_len = self.prompt.length
+        # the VLM's merged input (image + text tokens) is the "text" span here: no VL-BART wrappers on this path
+        enc = self._run_encoder(self._seq2seq.get_encoder(), inputs_embeds, mask, prompt_len, text_len)
         return BaseModelOutput(last_hidden_state=enc.last_hidden_state), mask
 
     def _native_forward(self, input_ids, attention_mask, labels, decoder_input_ids, decoder_attention_mask,
