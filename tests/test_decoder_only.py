@@ -488,3 +488,37 @@ def test_generate_several_sequences_per_prompt_with_causal_small(folders, settin
     model.generate(ids, mask, max_new_tokens=1, **gen, **kw)  # G is frozen after the prefix pass
     for key, g in model.gate_values().items():
         torch.testing.assert_close(g, ref[key].repeat_interleave(2, dim=0), msg=key)
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, type(m)) for n, m in model.named_modules()], model.config.to_json_string())
+
+
+def _assert_untouched(model, snap):
+    state, types, config = snap
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert model.config.to_json_string() == config
+
+
+def test_mismatched_adapter_or_method_leaves_the_given_model_untouched(folders, tmp_path):
+    """Validation (architecture facts, method vs architecture) comes before anything is wrapped."""
+    from vlpet.errors import CheckpointError
+    from vlpet.method import MethodConfig, ModuleSpec
+
+    VLModel.build(str(folders["llava"]), "vl-pet-large").save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(0)
+    deeper = hf_class("llava")(make_config("llava", num_hidden_layers=3))  # the adapter has 2 layers
+    snap = _snapshot(deeper)
+    with pytest.raises(CheckpointError, match="encoder_layers=2"):
+        VLModel.from_pretrained(tmp_path / "adapter", base_model=deeper)
+    _assert_untouched(deeper, snap)
+    held = hf_class("llava").from_pretrained(folders["llava"])
+    snap = _snapshot(held)
+    bad = MethodConfig(name="x", modules=(ModuleSpec(placements=("decoder.ffn",)),))
+    with pytest.raises(ConfigError, match="one stack"):
+        get_vlpet_model(held, bad)
+    _assert_untouched(held, snap)
+

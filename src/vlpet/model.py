@@ -76,6 +76,8 @@ class VLModel(nn.Module):
         self.native_inputs = bool(self.arch.image_path) if native_inputs is None else bool(native_inputs)
         if self.arch.image_path and not self.native_inputs:
             raise ShapeError(f"{cfg.model_type} defines its own image input; it cannot take the VL-BART feature path")
+        if self.arch.decoder_only:  # validated before anything in the backbone is changed
+            decoder_only.check_method(method)
         self.method = method
         self.visual_config = None if self.native_inputs else visual
         self.backbone_name = backbone_name
@@ -109,8 +111,6 @@ class VLModel(nn.Module):
                 self.visual_embedding = VisualEmbedding(visual.feat_dim, self.d_model, self.arch.norm,
                                                         self.arch.norm_eps, n_images=visual.n_images)
                 new_modules.append(self.visual_embedding)
-            if self.arch.decoder_only:
-                decoder_only.check_method(method)
             created = place_modules(self.backbone, self.arch, method, self.ctx, self.d_model)
             new_modules += [m for m, _ in created]
             self.prompt = EncoderPrompt(self.d_model, method.prompt.length, method.prompt.mid_dim) \
@@ -634,15 +634,11 @@ class VLModel(nn.Module):
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def config_dict(self) -> dict:
-        c = self.backbone.config
-        enc_layers = len(get_module(self.backbone, self.arch.encoder_layers))
-        dec_layers = len(get_module(self.backbone, self.arch.decoder_layers)) if self.arch.decoder_layers else 0
         out = {
             "format_version": FORMAT_VERSION,
             "backbone": self.backbone_name,
             "backbone_seed": self.seed,
-            "architecture": {"model_type": c.model_type, "arch": self.arch.name, "d_model": self.d_model,
-                             "encoder_layers": enc_layers, "decoder_layers": dec_layers},
+            "architecture": _architecture(self.backbone, self.arch),
             "vocab": {"original_rows": self.original_vocab_rows,
                       "rows": self.backbone.get_input_embeddings().num_embeddings},
             "visual": None if self.visual_config is None else dataclasses.asdict(self.visual_config),
@@ -685,11 +681,15 @@ class VLModel(nn.Module):
         if base.config.model_type != cfg["architecture"]["model_type"]:
             raise CheckpointError(f"{folder}: adapter was made for model_type={cfg['architecture']['model_type']!r} "
                                   f"but backbone {name!r} is {base.config.model_type!r}")
+        # before wrapping: a mismatched folder leaves a given base_model as it was
+        arch = arch_for(base.config.model_type, base.config)
+        check_compatible(cfg, _architecture(base, arch), name, str(folder))
+        if arch.decoder_only:
+            decoder_only.check_method(method)
         processor = load_processor(name) if native and base_model is None and name else None
         model = cls(base, method, visual, backbone_name=name, tokenizer=tokenizer,
                     vocab_rows=cfg["vocab"]["rows"], seed=cfg.get("backbone_seed", 0),
                     native_inputs=native, processor=processor)
-        check_compatible(cfg, model, str(folder))
         load_trainable(model, load_tensors(folder / WEIGHTS_NAME), source=str(folder / WEIGHTS_NAME), strict=strict)
         if device is not None:
             model.to(device)
@@ -716,6 +716,14 @@ def get_vlpet_model(model: nn.Module, method: str | MethodConfig = "vl-pet-large
 # the decoder-only VLMs' own image inputs besides pixel_values (their processors return them)
 _DECODER_ONLY_INPUTS = ("image_grid_thw", "pixel_attention_mask", "token_type_ids", "mm_token_type_ids",
                         "image_sizes")
+
+
+def _architecture(backbone: nn.Module, arch: ArchSpec) -> dict:
+    """The architecture facts an adapter folder records and checks (read from the backbone, changing nothing)."""
+    enc_layers = len(get_module(backbone, arch.encoder_layers))
+    dec_layers = len(get_module(backbone, arch.decoder_layers)) if arch.decoder_layers else 0
+    return {"model_type": backbone.config.model_type, "arch": arch.name, "d_model": vlm.lm_width(backbone.config),
+            "encoder_layers": enc_layers, "decoder_layers": dec_layers}
 
 
 def _part(root: nn.Module, path: str):
