@@ -522,3 +522,7 @@ def test_mismatched_adapter_or_method_leaves_the_given_model_untouched(folders, 
         get_vlpet_model(held, bad)
     _assert_untouched(held, snap)
 
+
+def test_decoder_only_config_gets_no_decoder_start_token(folders):
+    model = VLModel.build(str(folders["llava"]), "vl-pet-large")
+    assert getattr(model.backbone.config.text_config, "decoder_start_token_id", None) is None

@@ -90,7 +90,8 @@ class VLModel(nn.Module):
         self.d_model = vlm.lm_width(cfg)
         self.ctx = JointContext()
         meta = next(backbone.parameters()).device.type == "meta"
-        if getattr(tcfg, "decoder_start_token_id", None) is None:  # T5 convention: start with pad
+        # T5 convention: start with pad (a decoder-only LM has no decoder start; its config stays as it is)
+        if not self.arch.decoder_only and getattr(tcfg, "decoder_start_token_id", None) is None:
             tcfg.decoder_start_token_id = tcfg.pad_token_id
 
         # on a meta backbone (parameter counting) the new modules are meta too: no allocation, no init
