@@ -29,6 +29,7 @@ from .errors import ConfigError, ShapeError
 from .granularity import Gate, GateOptions, paper_granularities, register_gate
 from .method import VALUE_POSITIONS, LoraSpec, MethodConfig, ModuleSpec
 from .methods.adapter import ParallelLinear
+from .presets import scaled_size
 from .recompute import run_pet
 
 # -- the prefix state one VLModel call shares with its gates and value adapters ----------------------
@@ -153,7 +154,8 @@ DEFAULT_VALUE_POSITIONS = "prefix"
 
 
 def adapter_rank(d_model: int, multiple: int = 1) -> int:
-    return max(multiple, round(d_model / 8 / multiple) * multiple)
+    """r = d/8: the BART family's 96 at width 768, scaled as every other preset size is."""
+    return scaled_size(96, d_model, multiple)
 
 
 def _gate_kind(g: str) -> str:
