@@ -587,3 +587,23 @@ def test_images_without_input_ids_fail_before_the_vision_tower(vlm_folders):
         model(inputs_embeds=embeds, attention_mask=kw["attention_mask"], pixel_values=kw["pixel_values"],
               labels=labels)
     assert not ran
+
+
+def test_load_processor_none_only_for_missing_files(vlm_folders, monkeypatch, caplog):
+    """A folder without processor files gives None and the reason in the log; any other failure is raised."""
+    import logging
+
+    import transformers
+
+    from vlpet.backbones.loading import load_processor
+
+    with caplog.at_level(logging.INFO, logger="vlpet.backbones.loading"):
+        assert load_processor(vlm_folders["florence2"]) is None
+    assert "no processor for" in caplog.text and "image processor" in caplog.text
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug in the processor code")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        load_processor(vlm_folders["florence2"])
