@@ -42,7 +42,8 @@ from .method import MethodConfig
 from .methods.adapter import ParallelLinear
 from .methods.hyperformer import HyperAdapter, HyperNetController, TaskEmbeddings
 from .methods.prompt import EncoderPrompt
-from .placement import GatedSublayer, apply_zero_init, get_module, init_new_modules, place_modules, set_module
+from .placement import (GatedSublayer, apply_zero_init, check_placements, get_module, init_new_modules, place_modules,
+                        set_module)
 from .presets import ALL_SUBLAYERS, get_preset
 from .rng import fork_rng
 
@@ -78,6 +79,7 @@ class VLModel(nn.Module):
             raise ShapeError(f"{cfg.model_type} defines its own image input; it cannot take the VL-BART feature path")
         if self.arch.decoder_only:  # validated before anything in the backbone is changed
             decoder_only.check_method(method)
+        check_placements(self.arch, method)
         self.method = method
         self.visual_config = None if self.native_inputs else visual
         self.backbone_name = backbone_name
