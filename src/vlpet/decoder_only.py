@@ -26,7 +26,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import ConfigError, ShapeError
-from .granularity import Gate, GateOptions, paper_granularities, register_gate
+from .granularity import GateOptions, SmallGate, paper_granularities, register_gate
 from .method import VALUE_POSITIONS, LoraSpec, MethodConfig, ModuleSpec
 from .methods.adapter import ParallelLinear
 from .presets import scaled_size
@@ -64,19 +64,18 @@ class _Bound:
 
 
 @register_gate
-class CausalSmallGate(_Bound, Gate):
+class CausalSmallGate(_Bound, SmallGate):
     """G_small for decoder-only LMs: mean over the image + prompt prefix of σ(w · [X ; Y] + b), [B, 1, 1].
 
     The paper's G_small averages over the whole encoder input. In a decoder the sequence grows with the
     answer, so the mean is taken over the prefix only (padding excluded) and frozen once the prefix is read:
     a teacher-forced forward and KV-cached generation then see the same G at every position."""
 
-    kind = "causal_small"
-    official: dict[str, str] = {}
+    kind, paper = "causal_small", False
+    official: dict[str, str] = {}  # the official code has no decoder-only LM
 
     def __init__(self, d_model, opts):
-        super().__init__(d_model, opts)
-        self.proj = nn.Linear(2 * d_model, 1)  # over [X ; Y], X first (as G_small)
+        super().__init__(d_model, opts)  # G_small's `proj` over [X ; Y], X first: same parameters, same names
         self._frozen: torch.Tensor | None = None
 
     def forward(self, x, y, mask=None):
@@ -86,9 +85,7 @@ class CausalSmallGate(_Bound, Gate):
                 raise ShapeError("causal G_small: a cached generation step came without the prefix pass "
                                  "(generate through VLModel.generate, which reads the prefix first)")
             return self._frozen.to(y.dtype)
-        d = x.shape[-1]
-        w = self.proj.weight
-        g = torch.sigmoid(F.linear(x, w[:, :d]) + F.linear(y, w[:, d:], self.proj.bias))  # [B, N, 1]
+        g = self.token_gates(x, y)  # [B, N, 1]
         if st is not None and st.prefix_len is not None:
             n = st.prefix_len
             m = st.mask
@@ -104,10 +101,6 @@ class CausalSmallGate(_Bound, Gate):
             out = g.mean(dim=1, keepdim=True)
         self._frozen = out.detach()
         return out
-
-    def zero_init(self):
-        self.proj.weight.zero_()
-        self.proj.bias.zero_()
 
 
 class PrefixParallelLinear(_Bound, ParallelLinear):
