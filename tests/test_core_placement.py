@@ -104,3 +104,25 @@ def test_backbone_weights_are_the_unmodified_models(build, backbone_dirs, arch):
     want = 0.02 if arch == "bart" else 1.0
     assert abs(float(new_rows.std()) / want - 1) < 0.1
     assert model.original_vocab_rows == old_rows
+
+
+def test_prefix_positions_only_on_a_decoder_only_projection():
+    """positions='prefix' (vlpet.decoder_only's value adapter) on a sub-layer placement or an encoder-decoder is a
+    one-line ConfigError, raised before the backbone is changed."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from vlpet.errors import ConfigError
+    from vlpet.method import MethodConfig, ModuleSpec
+    from vlpet.model import get_vlpet_model
+
+    with pytest.raises(ConfigError, match="placement 'encoder.ffn' is a sub-layer"):
+        ModuleSpec(placements=("encoder.ffn",), positions="prefix")
+    spec = ModuleSpec(placements=("decoder.cross_attn.v",), mode="parallel", r=8, positions="prefix")
+    torch.manual_seed(0)
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2,
+                                                   encoder_ffn_dim=32, decoder_ffn_dim=32))
+    types = [type(m) for m in bart.modules()]  # vocab 100: the LM head would be replaced (AlignedLMHead)
+    with pytest.raises(ConfigError, match="positions 'prefix'.*decoder-only VLMs"):
+        get_vlpet_model(bart, MethodConfig(name="x", modules=(spec,)))
+    assert [type(m) for m in bart.modules()] == types

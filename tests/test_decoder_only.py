@@ -415,3 +415,114 @@ def test_gate_reads_the_residual_stream_before_the_norm(folders, family):
     for name in ("self_attn", "mlp"):
         torch.testing.assert_close(seen[name], norm_in[name][0], rtol=0, atol=0)
         assert not torch.allclose(seen[name], norm_in[name][1])
+
+
+def test_return_loss_false_keeps_the_answer_logits(folders):
+    """The trainers' call (return_loss=False): same [B, T, V] answer logits as with the loss, and no loss."""
+    ids, mask, labels, kw = batch("llava")
+    model = VLModel.build(str(folders["llava"]), "vl-pet-small")
+    perturb(model)
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, return_loss=False, **kw)
+    assert out.loss is None
+    torch.testing.assert_close(out.logits, ref.logits)
+
+
+def test_recompute_refuses_the_causal_small_gate(folders):
+    """Its prefix mean reads the call's PrefixState, cleared before the backward: refused, not a crash there."""
+    from vlpet.recompute import set_recompute
+
+    model = VLModel.build(str(folders["llava"]), "vl-pet-small")
+    with pytest.raises(ConfigError, match="causal G_small"):
+        set_recompute(model, True)
+    assert set_recompute(model, False) > 0  # switching off stays allowed
+
+
+def test_recompute_prefix_value_adapter_equals_stored_and_recomputes(folders):
+    """The prefix-only value adapter goes through run_pet: same logits and gradients, and its adapter runs
+    again in the backward (it was counted as switched on but never recomputed)."""
+    from vlpet.recompute import set_recompute
+
+    ids, mask, labels, kw = batch("llava")
+    model = VLModel.build(str(folders["llava"]), "vl-pet-large")
+    perturb(model)
+    prefix = [m for m in model.modules() if isinstance(m, decoder_only.PrefixParallelLinear)]
+    assert prefix
+    calls = []
+    # on the down-projection: the recompute may stop early (torch.utils.checkpoint) once it has what it needs
+    prefix[0].delta.down.register_forward_hook(lambda *a: calls.append(1))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, return_loss=False, **kw)
+        out.logits.float().square().mean().backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = step()
+    assert len(calls) == 1
+    set_recompute(model, True)
+    got, grads = step()
+    assert len(calls) == 2  # forward + recompute in the backward
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("settings", ({"do_sample": True, "num_return_sequences": 2},
+                                      {"num_beams": 2, "num_return_sequences": 2}))
+def test_generate_several_sequences_per_prompt_with_causal_small(folders, settings):
+    """generate expands each prompt's rows (sampling or beams) before the prefix pass: the prefix mask
+    follows. Every returned row of a prompt starts from the same G_small as a forward of that prompt."""
+    ids, mask, _, kw = batch("llava")
+    model = VLModel.build(str(folders["llava"]), "vl-pet-small")
+    perturb(model)
+    gen = dict(GEN, **settings)
+    torch.manual_seed(0)
+    new = model.generate(ids, mask, max_new_tokens=3, **gen, **kw)
+    assert new.shape == (4, 3)
+    model.record_gates(True)
+    model(input_ids=ids, attention_mask=mask, **kw)
+    ref = model.gate_values()
+    model.generate(ids, mask, max_new_tokens=1, **gen, **kw)  # G is frozen after the prefix pass
+    for key, g in model.gate_values().items():
+        torch.testing.assert_close(g, ref[key].repeat_interleave(2, dim=0), msg=key)
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, type(m)) for n, m in model.named_modules()], model.config.to_json_string())
+
+
+def _assert_untouched(model, snap):
+    state, types, config = snap
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert model.config.to_json_string() == config
+
+
+def test_mismatched_adapter_or_method_leaves_the_given_model_untouched(folders, tmp_path):
+    """Validation (architecture facts, method vs architecture) comes before anything is wrapped."""
+    from vlpet.errors import CheckpointError
+    from vlpet.method import MethodConfig, ModuleSpec
+
+    VLModel.build(str(folders["llava"]), "vl-pet-large").save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(0)
+    deeper = hf_class("llava")(make_config("llava", num_hidden_layers=3))  # the adapter has 2 layers
+    snap = _snapshot(deeper)
+    with pytest.raises(CheckpointError, match="encoder_layers=2"):
+        VLModel.from_pretrained(tmp_path / "adapter", base_model=deeper)
+    _assert_untouched(deeper, snap)
+    held = hf_class("llava").from_pretrained(folders["llava"])
+    snap = _snapshot(held)
+    bad = MethodConfig(name="x", modules=(ModuleSpec(placements=("decoder.ffn",)),))
+    with pytest.raises(ConfigError, match="one stack"):
+        get_vlpet_model(held, bad)
+    _assert_untouched(held, snap)
+
+
+def test_decoder_only_config_gets_no_decoder_start_token(folders):
+    model = VLModel.build(str(folders["llava"]), "vl-pet-large")
+    assert getattr(model.backbone.config.text_config, "decoder_start_token_id", None) is None

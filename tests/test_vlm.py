@@ -545,3 +545,65 @@ def test_hub_ids_are_not_taken_for_folders():
     assert "\n" not in str(ei.value)
     with pytest.raises(ConfigError, match="folder './no/such' does not exist"):
         load_backbone("./no/such")
+
+
+@pytest.mark.parametrize("kind", ("florence2", "blip2"))
+def test_masked_mean_small_gate_excludes_padding(vlm_folders, kind):
+    """G_small with masked_mean on the VLM path: the encoder gate's G is the mean of σ(w · [X ; Y] + b) over the
+    non-padded tokens of the merged image + text input, computed here by hand from the gate's X, Y."""
+    from conftest import shrink
+
+    from vlpet.backbones.arch import arch_for
+    from vlpet.presets import get_preset
+
+    cfg = hf_class(kind).config_class.from_pretrained(vlm_folders[kind])
+    method = shrink(get_preset("vl-pet-small", arch_for(cfg.model_type, cfg).family, d_model=D),
+                    r=None, r_g=None, r_vpa=None, gate={"masked_mean": True})
+    model = VLModel.build(vlm_folders[kind], method).eval()
+    _perturb(model)
+    enc = model.language_model.get_encoder()
+    gate_mod = (enc.layers[0].self_attn if kind == "florence2" else enc.block[0].layer[0].SelfAttention).pet.gate
+    seen = {}
+    gate_mod.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], y=args[1], g=out))
+    kw, labels = batch(kind)
+    with torch.no_grad():
+        model(**kw, labels=labels)
+    w, b = gate_mod.proj.weight[0], gate_mod.proj.bias
+    s = torch.sigmoid(seen["x"] @ w[:D] + seen["y"] @ w[D:] + b)  # [B, N]
+    m = kw["attention_mask"].float()
+    assert m[1].sum() < m.shape[1]  # the second example is padded
+    expected = (s * m).sum(1) / m.sum(1)
+    torch.testing.assert_close(seen["g"].reshape(-1), expected)
+    assert not torch.allclose(expected[1], s[1].mean())  # the padding would change it
+
+
+def test_images_without_input_ids_fail_before_the_vision_tower(vlm_folders):
+    model = VLModel.build(vlm_folders["florence2"], "vl-pet-large")
+    ran = []
+    model.backbone.model.vision_tower.register_forward_hook(lambda *a: ran.append(1))
+    kw, labels = batch("florence2")
+    embeds = model.backbone.get_input_embeddings()(kw["input_ids"])
+    with pytest.raises(VLPetError, match="images need input_ids"):
+        model(inputs_embeds=embeds, attention_mask=kw["attention_mask"], pixel_values=kw["pixel_values"],
+              labels=labels)
+    assert not ran
+
+
+def test_load_processor_none_only_for_missing_files(vlm_folders, monkeypatch, caplog):
+    """A folder without processor files gives None and the reason in the log; any other failure is raised."""
+    import logging
+
+    import transformers
+
+    from vlpet.backbones.loading import load_processor
+
+    with caplog.at_level(logging.INFO, logger="vlpet.backbones.loading"):
+        assert load_processor(vlm_folders["florence2"]) is None
+    assert "no processor for" in caplog.text and "image processor" in caplog.text
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug in the processor code")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        load_processor(vlm_folders["florence2"])

@@ -95,14 +95,14 @@ def read_adapter_config(folder) -> dict:
     return cfg
 
 
-def check_compatible(cfg: dict, model, source: str) -> None:
-    """Refuse an adapter built for another architecture (type, hidden size, layer counts)."""
+def check_compatible(cfg: dict, have: dict, backbone_name: str, source: str) -> None:
+    """Refuse an adapter built for another architecture (type, hidden size, layer counts); `have` is the
+    backbone's architecture facts (vlpet.model._architecture), checked before the backbone is wrapped."""
     want = cfg["architecture"]
-    have = model.config_dict()["architecture"]
     for key in ("model_type", "d_model", "encoder_layers", "decoder_layers"):
         if want.get(key) != have.get(key):
             raise CheckpointError(f"{source}: adapter was made for {key}={want.get(key)!r} but the backbone "
-                                  f"{model.backbone_name!r} has {key}={have.get(key)!r}")
+                                  f"{backbone_name!r} has {key}={have.get(key)!r}")
 
 
 @torch.no_grad()

@@ -26,9 +26,11 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import ConfigError, ShapeError
-from .granularity import Gate, GateOptions, paper_granularities, register_gate
+from .granularity import GateOptions, SmallGate, paper_granularities, register_gate
 from .method import VALUE_POSITIONS, LoraSpec, MethodConfig, ModuleSpec
 from .methods.adapter import ParallelLinear
+from .presets import scaled_size
+from .recompute import run_pet
 
 # -- the prefix state one VLModel call shares with its gates and value adapters ----------------------
 
@@ -62,19 +64,18 @@ class _Bound:
 
 
 @register_gate
-class CausalSmallGate(_Bound, Gate):
+class CausalSmallGate(_Bound, SmallGate):
     """G_small for decoder-only LMs: mean over the image + prompt prefix of σ(w · [X ; Y] + b), [B, 1, 1].
 
     The paper's G_small averages over the whole encoder input. In a decoder the sequence grows with the
     answer, so the mean is taken over the prefix only (padding excluded) and frozen once the prefix is read:
     a teacher-forced forward and KV-cached generation then see the same G at every position."""
 
-    kind = "causal_small"
-    official: dict[str, str] = {}
+    kind, paper = "causal_small", False
+    official: dict[str, str] = {}  # the official code has no decoder-only LM
 
     def __init__(self, d_model, opts):
-        super().__init__(d_model, opts)
-        self.proj = nn.Linear(2 * d_model, 1)  # over [X ; Y], X first (as G_small)
+        super().__init__(d_model, opts)  # G_small's `proj` over [X ; Y], X first: same parameters, same names
         self._frozen: torch.Tensor | None = None
 
     def forward(self, x, y, mask=None):
@@ -84,21 +85,22 @@ class CausalSmallGate(_Bound, Gate):
                 raise ShapeError("causal G_small: a cached generation step came without the prefix pass "
                                  "(generate through VLModel.generate, which reads the prefix first)")
             return self._frozen.to(y.dtype)
-        d = x.shape[-1]
-        w = self.proj.weight
-        g = torch.sigmoid(F.linear(x, w[:, :d]) + F.linear(y, w[:, d:], self.proj.bias))  # [B, N, 1]
+        g = self.token_gates(x, y)  # [B, N, 1]
         if st is not None and st.prefix_len is not None:
             n = st.prefix_len
-            g, m = g[:, :n], st.mask[:, :n].to(g.device, g.dtype).unsqueeze(-1)
+            m = st.mask
+            if x.shape[0] != m.shape[0]:
+                # generate expands each prompt's rows before the prefix pass (beams, num_return_sequences)
+                if x.shape[0] % m.shape[0]:
+                    raise ShapeError(f"causal G_small: batch {x.shape[0]} is not a multiple of the prefix "
+                                     f"mask's {m.shape[0]}")
+                m = m.repeat_interleave(x.shape[0] // m.shape[0], dim=0)
+            g, m = g[:, :n], m[:, :n].to(g.device, g.dtype).unsqueeze(-1)
             out = (g * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
         else:  # a bare backbone call: no prefix known, the mean runs over this call's tokens
             out = g.mean(dim=1, keepdim=True)
         self._frozen = out.detach()
         return out
-
-    def zero_init(self):
-        self.proj.weight.zero_()
-        self.proj.bias.zero_()
 
 
 class PrefixParallelLinear(_Bound, ParallelLinear):
@@ -111,12 +113,14 @@ class PrefixParallelLinear(_Bound, ParallelLinear):
         if self.disabled:
             return out
         st = self.prefix
+        # issue 19: run_pet recomputes the adapter in the backward when self.pet_recompute is set; the prefix
+        # is cut out here, before it, so the recompute does not depend on the (by then cleared) PrefixState
         if st is None or st.prefix_len is None:  # bare backbone call: every position is prefix
-            return out + self.delta(x)
+            return out + run_pet(self, self.delta, x)
         if st.read:  # a generation step after the prefix: an answer position
             return out
         n = min(st.prefix_len, x.shape[1])
-        delta = self.delta(x[:, :n]).to(out.dtype)
+        delta = run_pet(self, self.delta, x[:, :n]).to(out.dtype)
         return out + F.pad(delta, (0, 0, 0, x.shape[1] - n))
 
 
@@ -143,7 +147,8 @@ DEFAULT_VALUE_POSITIONS = "prefix"
 
 
 def adapter_rank(d_model: int, multiple: int = 1) -> int:
-    return max(multiple, round(d_model / 8 / multiple) * multiple)
+    """r = d/8: the BART family's 96 at width 768, scaled as every other preset size is."""
+    return scaled_size(96, d_model, multiple)
 
 
 def _gate_kind(g: str) -> str:
@@ -307,12 +312,7 @@ def generate(model, input_ids, attention_mask, settings, kwargs):
     kw = _family_inputs(model.arch, model.backbone.config, input_ids, n, kwargs)
     settings.setdefault("pad_token_id", model._pad_id())
     state = model._prefix_state
-    if settings.get("num_beams", 1) > 1:
-        # beams are expanded before the prefix pass, so the prefix mask must be too
-        state.mask = mask.repeat_interleave(settings["num_beams"], dim=0)
-    else:
-        state.mask = mask
-    state.prefix_len, state.read = n, False
+    state.prefix_len, state.mask, state.read = n, mask, False  # CausalSmallGate expands it to the rows
     try:
         out = model.backbone.generate(input_ids=input_ids, attention_mask=mask, **kw, **settings)
     finally:

@@ -144,11 +144,15 @@ class SmallGate(_ScalarLogitGate):
     official = _linear_names("proj", "small_xy_cat")
     n_inputs = 2  # one Linear(2D -> 1) over [X ; Y], X first, as the official checkpoint stores it
 
-    def forward(self, x, y, mask=None):
+    def token_gates(self, x, y):
+        """σ(w · [X ; Y] + b) per token, [B, N, 1] (before the mean)."""
         # w · [X ; Y] = w_x · X + w_y · Y, without materialising the concatenation.
         d = x.shape[-1]
         w = self.proj.weight
-        g = torch.sigmoid(F.linear(x, w[:, :d]) + F.linear(y, w[:, d:], self.proj.bias))  # [B, N, 1]
+        return torch.sigmoid(F.linear(x, w[:, :d]) + F.linear(y, w[:, d:], self.proj.bias))
+
+    def forward(self, x, y, mask=None):
+        g = self.token_gates(x, y)  # [B, N, 1]
         if self.opts.masked_mean and mask is not None:
             m = mask.to(g.dtype).unsqueeze(-1)
             return (g * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)

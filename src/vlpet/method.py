@@ -58,6 +58,11 @@ class ModuleSpec:
             if self.gate.kind != "none" and not p.startswith("encoder."):
                 raise ConfigError(f"placement {p!r}: granularity gates are defined for encoder sub-layers only "
                                   f"(the official decoder has no gate, spec §1.7)")
+        if self.positions == "prefix":
+            for p in self.placements:
+                if p not in PROJECTION_PLACEMENTS:
+                    raise ConfigError(f"positions 'prefix' is for a parallel module on a projection (e.g. "
+                                      f"'encoder.self_attn.v'); placement {p!r} is a sub-layer")
         for z in self.zero_init:
             _check_choice("zero_init", z, ZERO_INITS)
         if self.r <= 0 or self.n_heads <= 0 or self.r % self.n_heads:

@@ -42,7 +42,8 @@ from .method import MethodConfig
 from .methods.adapter import ParallelLinear
 from .methods.hyperformer import HyperAdapter, HyperNetController, TaskEmbeddings
 from .methods.prompt import EncoderPrompt
-from .placement import GatedSublayer, apply_zero_init, get_module, init_new_modules, place_modules, set_module
+from .placement import (GatedSublayer, apply_zero_init, check_placements, get_module, init_new_modules, place_modules,
+                        set_module)
 from .presets import ALL_SUBLAYERS, get_preset
 from .rng import fork_rng
 
@@ -76,6 +77,9 @@ class VLModel(nn.Module):
         self.native_inputs = bool(self.arch.image_path) if native_inputs is None else bool(native_inputs)
         if self.arch.image_path and not self.native_inputs:
             raise ShapeError(f"{cfg.model_type} defines its own image input; it cannot take the VL-BART feature path")
+        if self.arch.decoder_only:  # validated before anything in the backbone is changed
+            decoder_only.check_method(method)
+        check_placements(self.arch, method)
         self.method = method
         self.visual_config = None if self.native_inputs else visual
         self.backbone_name = backbone_name
@@ -88,7 +92,8 @@ class VLModel(nn.Module):
         self.d_model = vlm.lm_width(cfg)
         self.ctx = JointContext()
         meta = next(backbone.parameters()).device.type == "meta"
-        if getattr(tcfg, "decoder_start_token_id", None) is None:  # T5 convention: start with pad
+        # T5 convention: start with pad (a decoder-only LM has no decoder start; its config stays as it is)
+        if not self.arch.decoder_only and getattr(tcfg, "decoder_start_token_id", None) is None:
             tcfg.decoder_start_token_id = tcfg.pad_token_id
 
         # on a meta backbone (parameter counting) the new modules are meta too: no allocation, no init
@@ -109,8 +114,6 @@ class VLModel(nn.Module):
                 self.visual_embedding = VisualEmbedding(visual.feat_dim, self.d_model, self.arch.norm,
                                                         self.arch.norm_eps, n_images=visual.n_images)
                 new_modules.append(self.visual_embedding)
-            if self.arch.decoder_only:
-                decoder_only.check_method(method)
             created = place_modules(self.backbone, self.arch, method, self.ctx, self.d_model)
             new_modules += [m for m, _ in created]
             self.prompt = EncoderPrompt(self.d_model, method.prompt.length, method.prompt.mid_dim) \
@@ -394,19 +397,23 @@ class VLModel(nn.Module):
             masks.append(vmask)
         embeds = torch.cat(parts, dim=1)
         mask = torch.cat(masks, dim=1)
-        self.ctx.prompt_len, self.ctx.text_len, self.ctx.mask = prompt_len, length, mask
-        encoder = self.backbone.get_encoder()
+        enc = self._run_encoder(self.backbone.get_encoder(), embeds, mask, prompt_len, length)
+        return BaseModelOutput(last_hidden_state=enc.last_hidden_state), mask
+
+    def _run_encoder(self, encoder, embeds, mask, prompt_len: int, text_len: int):
+        """The encoder call of both input paths, with the JointContext active around it: the gates read the
+        joint mask from it (masked_mean), the VL-BART wrappers the text span."""
+        self.ctx.prompt_len, self.ctx.text_len, self.ctx.mask = prompt_len, text_len, mask
         if torch.compiler.is_compiling():
             # No try block while torch.compile traces: a graph break inside one (transformers 5.17's encoder has
             # a copy.deepcopy) makes dynamo compile every layer as its own graph (17 graphs instead of 2).
             enc = encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
             self.ctx.text_len, self.ctx.mask = None, None
-        else:
-            try:
-                enc = encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
-            finally:
-                self.ctx.text_len, self.ctx.mask = None, None
-        return BaseModelOutput(last_hidden_state=enc.last_hidden_state), mask
+            return enc
+        try:
+            return encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+        finally:
+            self.ctx.text_len, self.ctx.mask = None, None
 
     # -- the VLM's own input path (issue 18; vlpet.backbones.vlm) --------------------------------------
     def _check_native(self, what: str) -> None:
@@ -471,6 +478,8 @@ class VLModel(nn.Module):
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         if pixel_values is not None or image_features is not None:
             self._check_native("pixel_values / image_features")
+            if input_ids is None:  # checked before the (costly) image path runs
+                raise ShapeError("images need input_ids (their image tokens mark where the features go)")
             if image_features is None:
                 # no autograd graph through the frozen part unless something in it trains
                 image_features = vlm.frozen_features(self.backbone, self.arch.image_path, pixel_values)
@@ -478,19 +487,15 @@ class VLModel(nn.Module):
                 raise ShapeError(f"image batch {image_features.shape[0]} != text batch {b}")
             image_embeds = vlm.project(self.backbone, self.arch.image_path, image_features,
                                        qformer_input_ids, qformer_attention_mask)
-            if input_ids is None:
-                raise ShapeError("images need input_ids (their image tokens mark where the features go)")
             inputs_embeds = vlm.merge_image_tokens(self.backbone.config, input_ids, inputs_embeds, image_embeds)
         mask = attention_mask
+        text_len, prompt_len = inputs_embeds.shape[1], 0
         if self.prompt is not None and not self._adapters_disabled:
             inputs_embeds = torch.cat([self.prompt(b).to(inputs_embeds.dtype), inputs_embeds], dim=1)
             mask = torch.cat([torch.ones(b, self.prompt.length, dtype=mask.dtype, device=mask.device), mask], dim=1)
-        self.ctx.prompt_len, self.ctx.mask = (self.prompt.length if self.prompt is not None else 0), mask
-        encoder = self._seq2seq.get_encoder()
-        try:
-            enc = encoder(inputs_embeds=inputs_embeds, attention_mask=mask, return_dict=True)
-        finally:
-            self.ctx.mask = None
+            prompt_len = self.prompt.length
+        # the VLM's merged input (image + text tokens) is the "text" span here: no VL-BART wrappers on this path
+        enc = self._run_encoder(self._seq2seq.get_encoder(), inputs_embeds, mask, prompt_len, text_len)
         return BaseModelOutput(last_hidden_state=enc.last_hidden_state), mask
 
     def _native_forward(self, input_ids, attention_mask, labels, decoder_input_ids, decoder_attention_mask,
@@ -522,14 +527,11 @@ class VLModel(nn.Module):
 
         VLM backbones take the VLM's own inputs (`model(**processor(images=..., text=...), labels=...)`):
         `pixel_values` (or `image_features` from `frozen_image_features`), and InstructBLIP's `qformer_*`."""
-        if labels is not None and not return_loss:
-            if decoder_input_ids is None:
-                decoder_input_ids = (self._shift_labels(labels) if self.native_inputs
-                                     else self.backbone.prepare_decoder_input_ids_from_labels(labels=labels))
-            labels = None
         # A teacher-forced forward needs no KV cache; building one costs time, and in transformers 5.17 its
         # constructor (a config deepcopy) breaks torch.compile's graph. Generation passes its own.
         kwargs.setdefault("use_cache", False)
+        # decoder-only first: it needs the labels themselves to build [prompt ; answer] (and skips the loss
+        # itself when return_loss is False); the shift below is the encoder-decoder's teacher forcing
         if self.arch.decoder_only:  # [prompt ; answer] through the decoder-only VLM's own forward (issue 20)
             if vis_feats is not None or image_features is not None:
                 raise ShapeError("decoder-only VLMs take pixel_values (and their processor's image inputs); "
@@ -538,6 +540,11 @@ class VLModel(nn.Module):
                 return decoder_only.forward(self, input_ids, attention_mask, labels, return_loss,
                                             dict(kwargs, pixel_values=pixel_values) if pixel_values is not None
                                             else kwargs)
+        if labels is not None and not return_loss:
+            if decoder_input_ids is None:
+                decoder_input_ids = (self._shift_labels(labels) if self.native_inputs
+                                     else self.backbone.prepare_decoder_input_ids_from_labels(labels=labels))
+            labels = None
         if self.native_inputs:
             if vis_feats is not None:
                 raise ShapeError("vis_feats is the VL-BART feature path; this model takes pixel_values "
@@ -630,15 +637,11 @@ class VLModel(nn.Module):
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def config_dict(self) -> dict:
-        c = self.backbone.config
-        enc_layers = len(get_module(self.backbone, self.arch.encoder_layers))
-        dec_layers = len(get_module(self.backbone, self.arch.decoder_layers)) if self.arch.decoder_layers else 0
         out = {
             "format_version": FORMAT_VERSION,
             "backbone": self.backbone_name,
             "backbone_seed": self.seed,
-            "architecture": {"model_type": c.model_type, "arch": self.arch.name, "d_model": self.d_model,
-                             "encoder_layers": enc_layers, "decoder_layers": dec_layers},
+            "architecture": _architecture(self.backbone, self.arch),
             "vocab": {"original_rows": self.original_vocab_rows,
                       "rows": self.backbone.get_input_embeddings().num_embeddings},
             "visual": None if self.visual_config is None else dataclasses.asdict(self.visual_config),
@@ -681,11 +684,15 @@ class VLModel(nn.Module):
         if base.config.model_type != cfg["architecture"]["model_type"]:
             raise CheckpointError(f"{folder}: adapter was made for model_type={cfg['architecture']['model_type']!r} "
                                   f"but backbone {name!r} is {base.config.model_type!r}")
+        # before wrapping: a mismatched folder leaves a given base_model as it was
+        arch = arch_for(base.config.model_type, base.config)
+        check_compatible(cfg, _architecture(base, arch), name, str(folder))
+        if arch.decoder_only:
+            decoder_only.check_method(method)
         processor = load_processor(name) if native and base_model is None and name else None
         model = cls(base, method, visual, backbone_name=name, tokenizer=tokenizer,
                     vocab_rows=cfg["vocab"]["rows"], seed=cfg.get("backbone_seed", 0),
                     native_inputs=native, processor=processor)
-        check_compatible(cfg, model, str(folder))
         load_trainable(model, load_tensors(folder / WEIGHTS_NAME), source=str(folder / WEIGHTS_NAME), strict=strict)
         if device is not None:
             model.to(device)
@@ -712,6 +719,14 @@ def get_vlpet_model(model: nn.Module, method: str | MethodConfig = "vl-pet-large
 # the decoder-only VLMs' own image inputs besides pixel_values (their processors return them)
 _DECODER_ONLY_INPUTS = ("image_grid_thw", "pixel_attention_mask", "token_type_ids", "mm_token_type_ids",
                         "image_sizes")
+
+
+def _architecture(backbone: nn.Module, arch: ArchSpec) -> dict:
+    """The architecture facts an adapter folder records and checks (read from the backbone, changing nothing)."""
+    enc_layers = len(get_module(backbone, arch.encoder_layers))
+    dec_layers = len(get_module(backbone, arch.decoder_layers)) if arch.decoder_layers else 0
+    return {"model_type": backbone.config.model_type, "arch": arch.name, "d_model": vlm.lm_width(backbone.config),
+            "encoder_layers": enc_layers, "decoder_layers": dec_layers}
 
 
 def _part(root: nn.Module, path: str):

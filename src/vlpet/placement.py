@@ -104,9 +104,18 @@ def _layers(backbone: nn.Module, arch: ArchSpec, stack: str) -> list[nn.Module]:
     return list(get_module(backbone, path))
 
 
+def check_placements(arch: ArchSpec, method: MethodConfig) -> None:
+    """What place_modules would refuse, checked before anything is wrapped."""
+    for spec in method.modules:
+        if spec.positions == "prefix" and not arch.decoder_only:
+            raise ConfigError(f"positions 'prefix' (image + prompt positions only) is for decoder-only VLMs; "
+                              f"{arch.name} is an encoder-decoder: use positions 'all'")
+
+
 def place_modules(backbone: nn.Module, arch: ArchSpec, method: MethodConfig, ctx: JointContext,
                   d_model: int) -> list[tuple[nn.Module, ModuleSpec]]:
     """Wrap the backbone in place; returns every new PET module with its spec (for init and zero-init)."""
+    check_placements(arch, method)
     created: list[tuple[nn.Module, ModuleSpec]] = []
     for spec in method.modules:
         for placement in spec.placements:

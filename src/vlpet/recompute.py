@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import ConfigError
+
 # Off by default: on GPU it trades recompute time for memory; benchmarks/README.md has the figures.
 RECOMPUTE_DEFAULT = False
 
@@ -51,6 +53,12 @@ def _owners(model: nn.Module):
 def set_recompute(model: nn.Module, enabled: bool = True) -> int:
     """Turn recomputation of every gated sub-layer's PET module and every parallel (VPA) adapter of
     `model` on or off; returns how many modules were switched."""
+    from .decoder_only import CausalSmallGate
+
+    if enabled and any(isinstance(m, CausalSmallGate) and m.prefix is not None for m in model.modules()):
+        # its prefix mean reads the PrefixState of the VLModel call, which is cleared before the backward
+        raise ConfigError("set_recompute: the causal G_small of a decoder-only VLM cannot be recomputed in the "
+                          "backward; use another granularity (vl-pet-large / -middlex / -middley) or no recompute")
     n = 0
     for m in _owners(model):
         m.pet_recompute = bool(enabled)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -209,7 +210,8 @@ def load_processor(name_or_path: str):
         if _is_local(name_or_path):
             return AutoProcessor.from_pretrained(name_or_path)
         return _from_hub(AutoProcessor.from_pretrained, name_or_path, "processor")
-    except Exception:  # noqa: BLE001 - any failure means "no processor here"; the model still works on tensors
+    except (OSError, ValueError, ConfigError) as exc:  # no processor files / not cached: the model works on tensors
+        logging.getLogger(__name__).info("no processor for %r: %s", name_or_path, exc)
         return None
 
 
