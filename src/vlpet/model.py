@@ -450,17 +450,33 @@ class VLModel(nn.Module):
         self._check_native("image_features_key")
         h = hashlib.sha256()
         h.update(json.dumps(self.backbone.config.to_dict(), sort_keys=True, default=str).encode())
-        for part in self.arch.vision_parts:
-            mod = _part(self.backbone, part)
-            tensors = [("", mod)] if isinstance(mod, torch.Tensor) else list(mod.state_dict().items())
-            for name, t in sorted(tensors, key=lambda kv: kv[0]):
-                h.update(f"{part}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(self._vision_weights_digest().encode())
         proc = processor if processor is not None else self.processor
         image_proc = getattr(proc, "image_processor", None)
         if image_proc is not None:
             h.update(json.dumps(image_proc.to_dict(), sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
+
+    def _vision_weights_digest(self) -> str:
+        """SHA-256 of the frozen vision weights (about 4 GB for BLIP-2's ViT-g): computed once per model and
+        kept while the tensors are the same ones, unmodified (their in-place version counters unchanged)."""
+        import hashlib
+
+        tensors = []
+        for part in self.arch.vision_parts:
+            mod = _part(self.backbone, part)
+            items = [("", mod)] if isinstance(mod, torch.Tensor) else list(mod.state_dict().items())
+            tensors += [(f"{part}.{name}", t) for name, t in sorted(items, key=lambda kv: kv[0])]
+        stamp = tuple((n, t.data_ptr(), t.dtype, t._version) for n, t in tensors)
+        cached = getattr(self, "_vision_digest", None)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        h = hashlib.sha256()
+        for name, t in tensors:
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        self._vision_digest = (stamp, h.hexdigest())
+        return self._vision_digest[1]
 
     def _native_encode(self, input_ids, attention_mask=None, pixel_values=None, image_features=None,
                        qformer_input_ids=None, qformer_attention_mask=None, inputs_embeds=None):
@@ -578,11 +594,11 @@ class VLModel(nn.Module):
         return 0
 
     def _shift_labels(self, labels):
+        from transformers.models.bart.modeling_bart import shift_tokens_right
+
         c = vlm.text_config(self._seq2seq.config)
         start = c.decoder_start_token_id if c.decoder_start_token_id is not None else c.pad_token_id
-        shifted = labels.new_full(labels.shape, start)
-        shifted[:, 1:] = labels[:, :-1]
-        return shifted.masked_fill(shifted == -100, c.pad_token_id)
+        return shift_tokens_right(labels, c.pad_token_id, start)  # -100 becomes pad, as in BART and T5
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, vis_feats=None, vis_attention_mask=None, boxes=None,

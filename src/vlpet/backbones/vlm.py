@@ -106,8 +106,9 @@ def project(backbone: nn.Module, image_path: str, features: torch.Tensor,
 def merge_image_tokens(config, input_ids: torch.Tensor, embeds: torch.Tensor, image_embeds: torch.Tensor):
     """Put the projected image features into the image-token slots, as the VLM's forward does."""
     slots = input_ids == image_token_id(config)
-    n_slots = int(slots.sum())
-    if n_slots * embeds.shape[-1] != image_embeds.numel():
+    # the count check syncs with the device: skipped while torch.compile traces (a graph break otherwise)
+    n_slots = None if torch.compiler.is_compiling() else int(slots.sum())
+    if n_slots is not None and n_slots * embeds.shape[-1] != image_embeds.numel():
         raise ShapeError(
             f"input_ids hold {n_slots} image tokens (id {image_token_id(config)}) but the images give "
             f"{image_embeds.shape[0]} x {image_embeds.shape[1]} features; use the model's processor, which puts "
