@@ -12,6 +12,9 @@ Rows:
 - vlpet presets (`VLModel.build(name, preset)`): frozen backbone stored in bf16, trainable tensors fp32,
   autocast bf16 (as `vlpet train` runs bf16); the forward computes logits for the answer positions only
   (vlpet's seq2seq-style interface: `input_ids` = prompt, `labels` = answer);
+- floor: the same vlpet model with no PET module (only the projector trains, so the backward still runs
+  through the whole LM): what every vlpet row pays at least;
+- <preset>+rc: the preset with its PET activations recomputed in the backward (vlpet.recompute, issue 19);
 - plain-peft-lora: the plain Hugging Face model in bf16 with PEFT's `get_peft_model` LoRA (r 16, alpha 32,
   dropout 0.05, every linear layer of the language model: q, k, v, o, gate, up, down; adapters fp32, PEFT's
   default for a bf16 base), fed [prompt ; answer] with labels -100 on the prompt, as its users train it
@@ -110,8 +113,16 @@ def build(backbone: str, method: str, tiny: bool, device):
         from vlpet.backbones.vlm import lm_width
         from vlpet.presets import get_preset
 
-        model = VLModel(hf, get_preset(method, "decoder", d_model=lm_width(cfg)), None, backbone_name=backbone,
-                        native_inputs=True)
+        preset, recompute = (method[:-3], True) if method.endswith("+rc") else (method, False)
+        if preset == "floor":  # what every method pays at least: no PET module, the backward runs the whole LM
+            method_config = B.method_config("floor", "bart-base")
+        else:
+            method_config = get_preset(preset, "decoder", d_model=lm_width(cfg))
+        model = VLModel(hf, method_config, None, backbone_name=backbone, native_inputs=True)
+        if recompute:  # issue 19: PET activations recomputed in the backward
+            from vlpet.recompute import set_recompute
+
+            set_recompute(model, True)
         if device.type == "cuda":
             model.set_frozen_dtype(torch.bfloat16)
 
