@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up ./.venv (once) and run a vlpet job in it:
 #   bash scripts/bootstrap.sh demo [vlpet demo options]   # the offline demo
-#   bash scripts/bootstrap.sh test [pytest options]       # the test-suite
+#   bash scripts/bootstrap.sh test [pytest options]       # the test-suite (long end-to-end runs: add -m slow)
 #   bash scripts/bootstrap.sh vlpet <command> ...         # any vlpet command
 # On a machine without an NVIDIA GPU it installs a CPU build of torch (never the multi-GB CUDA one).
 set -euo pipefail
@@ -46,7 +46,8 @@ shift || true
 case "$job" in
   demo)  exec "$VENV/bin/vlpet" demo "$@" ;;
   # Two workers, one test file each at a time (files share their built models); VLPET_TEST_WORKERS=0 runs in one process.
-  test)  exec "$VENV/bin/python" -m pytest -n "${VLPET_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
+  # The long end-to-end runs (marker "slow") are left out; `test -m slow` runs just them (a later -m wins).
+  test)  exec "$VENV/bin/python" -m pytest -n "${VLPET_TEST_WORKERS:-2}" --dist loadfile -m "not slow" "$@" ;;
   vlpet) exec "$VENV/bin/vlpet" "$@" ;;
   *) echo "usage: bash scripts/bootstrap.sh demo|test|vlpet [args...]" >&2; exit 2 ;;
 esac

