@@ -507,3 +507,19 @@ def test_predict_image_names_the_one_image_tasks_of_the_registry(tmp_path):
 
     with pytest.raises(ConfigError, match=r"--task nlvr: one image answers vqa, gqa, caption \(NLVR2"):
         answer(tmp_path / "run", tmp_path / "x.png", "q", task="nlvr")
+
+
+def test_configuration_mistakes_are_config_errors_not_data_errors(tmp_path):
+    """A model type without a prompt style or a video task for --image-root is an option mistake (ConfigError),
+    not a problem with a file (DataError); the message names what was given and what was expected."""
+    from vlpet.data.images import build_image_dataset, vlm_prompt
+    from vlpet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^<model>: expected a VLM of type florence2 / blip-2 / instructblip, "
+                                          r"got 'llava'$") as err:
+        vlm_prompt("llava", "vqa", "what?")
+    assert not isinstance(err.value, DataError)
+    with pytest.raises(ConfigError, match=r"^.*images: expected an image-text task \(vqa, gqa, nlvr, caption\) for "
+                                          r"--image-root, got 'tvqa'$") as err:
+        build_image_dataset("tvqa", "train", tmp_path, tmp_path / "images", None, "florence2")
+    assert not isinstance(err.value, DataError)

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..errors import ConfigError
 from .datasets import ImageTextDataset, best_answer, sample_answer
 from .errors import DataError
 from .layout import VLAdapterLayout, resolve_data_root
@@ -133,7 +134,7 @@ def vlm_prompt(model_type: str, task: str, sent: str = "") -> str:
     Florence-2 plain questions and its ``<CAPTION>`` task token; BLIP-2 / InstructBLIP
     ``"Question: {q} Answer:"``."""
     if model_type not in VLM_TYPES:
-        raise DataError("<model>", f"a VLM of type {' / '.join(VLM_TYPES)}", got=repr(model_type))
+        raise ConfigError(f"<model>: expected a VLM of type {' / '.join(VLM_TYPES)}, got {model_type!r}")
     if model_type == "florence2":
         return {"caption": "<CAPTION>", "nlvr": f"True or false: {sent}"}.get(task, sent)
     if task == "caption":
@@ -244,8 +245,8 @@ def build_image_dataset(task: str, split: str, data_root, image_root, tokenizer,
     :func:`vlpet.data.build_dataset`, whose ``image_root=`` calls this)."""
     task = canonical_task(task)
     if task not in task_names("image"):
-        raise DataError(image_root, f"an image-text task ({', '.join(task_names('image'))}) for --image-root",
-                        got=repr(task))
+        raise ConfigError(f"{os.fspath(image_root)}: expected an image-text task ({', '.join(task_names('image'))}) "
+                          f"for --image-root, got {task!r}")
     layout = layout or VLAdapterLayout(resolve_data_root(data_root))
     root = image_root if isinstance(image_root, ImageRoot) else ImageRoot(image_root)
     spec = spec or get_task_spec(task)
