@@ -59,6 +59,8 @@ def _encode(tokenizer, text: str, max_len: int | None) -> list[int]:
 class ImageTextDataset(Dataset):
     """Base class. Subclasses fill ``self.items`` and implement ``_example``."""
 
+    tokenizes = True  # the examples are tokenized here (with the tokenizer's pad token); False: by the collator
+
     def __init__(
         self,
         spec: TaskSpec,
@@ -82,9 +84,9 @@ class ImageTextDataset(Dataset):
         self.split = split
         self.epoch = 0
         pad = getattr(tokenizer, "pad_token_id", None)
-        if pad is None:
+        if pad is None and self.tokenizes:
             raise ValueError("the tokenizer has no pad token (pad_token_id is None)")
-        self.pad_id = int(pad)
+        self.pad_id = None if pad is None else int(pad)
 
     def __len__(self) -> int:
         return len(self.items)

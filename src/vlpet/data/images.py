@@ -163,14 +163,11 @@ class NativeDataset(ImageTextDataset):
     """One task of the VL-Adapter layout read with images: examples carry ``image`` (an
     :class:`ImageRef`), ``text`` (the VLM prompt) and ``target_text``; the rest as the feature datasets."""
 
+    tokenizes = False  # the collator tokenizes (through the VLM's processor): no tokenizer is needed here
+
     def __init__(self, spec: TaskSpec, items: list, tokenizer, image_root: ImageRoot, model_type: str, *, mode: str,
                  seed: int = 0, split: str = "") -> None:
-        if mode not in ("train", "eval"):
-            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-        # the collator tokenizes (through the VLM's processor): no tokenizer is needed here
-        self.spec, self.task, self.items, self.tokenizer = spec, spec.name, items, tokenizer
-        self.feature_dirs, self.mode, self.seed, self.split, self.epoch = {}, mode, int(seed), split, 0
-        self.pad_id = getattr(tokenizer, "pad_token_id", None)
+        super().__init__(spec, items, tokenizer, {}, mode=mode, seed=seed, split=split)
         self.image_root = image_root
         self.model_type = model_type
         self.kind = task_entry(self.task).kind  # qa / classification (two images) / caption
