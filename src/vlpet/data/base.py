@@ -132,14 +132,18 @@ class ImageTextDataset(Dataset):
             )
 
     def check_feature_dim(self, feat_dim: int) -> None:
-        """Every image's feature width is `feat_dim`: read from the file headers now (a mixed folder would
-        otherwise stop a run mid-way), and checked again on every later read."""
+        """Every image's feature width is `feat_dim`: checked now from the files (a mixed folder would
+        otherwise stop a run mid-way; FeatureDir.check_widths, one header per file size), and again on
+        every later read."""
         for fd in self.feature_dirs.values():
             fd.expected_dim = feat_dim
+        by_source: dict[str, list[str]] = {}
         for s, i in dict.fromkeys(self.image_ids()):
+            by_source.setdefault(s, []).append(i)
+        for s, ids in by_source.items():
             fd = self.feature_dirs[s]
-            if hasattr(fd, "check_shape"):  # HDF5 headers; video .npz files are checked when read
-                fd.check_shape(i, feat_dim)
+            if hasattr(fd, "check_widths"):  # HDF5 files; video .npz files are checked when read
+                fd.check_widths(ids, feat_dim)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(task={self.task!r}, split={self.split!r}, mode={self.mode!r}, n={len(self)})"
