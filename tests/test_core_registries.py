@@ -156,6 +156,38 @@ def test_a_registered_preset_resolves_for_every_family():
         get_preset("toy-adapter")
 
 
+
+def test_decoder_only_presets_are_a_family_table_of_the_registry():
+    """Decoder-only VLMs resolve their presets by lookup in family "decoder"'s own table: names, the
+    family's settings and its one-line error come from the registry; a preset registered for that family
+    is offered there only, and the BART / T5 table does not leak into it (no prompt tuning there)."""
+    from vlpet import decoder_only
+
+    assert list_presets(family="decoder") == decoder_only.DECODER_PRESETS
+    assert list_presets("table9", family="decoder") == tuple(f"vl-adapter-g-{g}-lw" for g in paper_granularities())
+    assert presets.lookup_preset("vl-pet-large", "decoder").build is not presets.lookup_preset("vl-pet-large").build
+    assert train_defaults("full", "decoder") == presets.TrainDefaults(lr=1e-5, batch_size=64)
+    assert train_defaults("LoRA", "decoder") == presets.TrainDefaults(lr=3e-4, batch_size=64)
+    # d/8 rounded to a multiple of the 4 heads; the value adapter r = d/8 as it is; LoRA r = d/6
+    assert [m.r for m in get_preset("vl-pet-small", "decoder", d_model=1000).modules] == [124, 125]
+    assert get_preset("lora", "decoder", d_model=1000).lora.r == 167
+    assert get_preset("vl-pet-small", "decoder").modules[0].gate.kind == "causal_small"
+    with pytest.raises(ConfigError, match="^preset 'prompt' is not offered on decoder-only VLMs; allowed: full, "):
+        get_preset("prompt", "decoder")
+
+    @register_preset("toy-decoder", "baseline", family="decoder")
+    def _toy(f, d_model=None):
+        from vlpet.method import MethodConfig
+        return MethodConfig(name="toy-decoder", trainable=("visual_embedding",), description=f"{f.name} {f.lr}")
+
+    try:
+        assert get_preset("toy-decoder", "decoder").description == "decoder 0.0003"
+        assert "toy-decoder" in list_presets(family="decoder") and "toy-decoder" not in list_presets()
+        with pytest.raises(ConfigError, match="unknown method/preset 'toy-decoder'"):
+            get_preset("toy-decoder", "bart")
+    finally:
+        presets._OWN["decoder"].pop("toy-decoder", None)
+
 def test_families_come_from_the_table():
     assert family_for("t5").scale == 0.3 and family_for("bart", video=True).lr == 7e-4
     with pytest.raises(ConfigError, match=r"preset family 'llama' is unknown; allowed: bart, t5"):

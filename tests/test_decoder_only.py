@@ -301,6 +301,24 @@ def test_trainable_counts(folders, family):
         assert model.parameter_counts()[0] == want, preset
 
 
+
+def test_gqa_value_adapter_is_built_at_the_projection_width(folders):
+    """PaliGemma's v_proj gives 1 KV head x 16 < the LM's 32 features: the value adapter is built 32 -> r -> 16
+    (Bottleneck's d_out), not widened afterwards; a PHM adapter, which has no d_out, is refused there."""
+    from vlpet.method import MethodConfig, ModuleSpec
+    from vlpet.methods.adapter import Bottleneck
+
+    model = VLModel.build(str(folders["paligemma"]), "vl-pet-large")
+    deltas = [m.delta for m in model.modules() if isinstance(m, decoder_only.PrefixParallelLinear)]
+    assert [(d.down.in_features, d.down.out_features, d.up.in_features, d.up.out_features) for d in deltas] \
+        == [(32, 4, 4, 16)] * 2
+    assert Bottleneck(32, 8, n_heads=4, d_out=16)(torch.randn(2, 3, 32)).shape == (2, 3, 16)
+    assert Bottleneck(32, 8).up.out_features == 32
+    phm = MethodConfig(name="phm-v", modules=(ModuleSpec(placements=("encoder.self_attn.v",), modification="phm_adapter",
+                                                         mode="parallel", r=4),))
+    with pytest.raises(ConfigError, match=r"^placement 'encoder.self_attn.v': a phm_adapter cannot output 16 features"):
+        VLModel.build(str(folders["paligemma"]), phm)
+
 def test_full_tunes_projector_and_lm_not_vision(folders):
     model = VLModel.build(str(folders["llava"]), "full")
     hf = hf_class("llava").from_pretrained(folders["llava"])

@@ -53,6 +53,30 @@ def test_feature_width_is_checked_on_every_read(tmp_path):
         fd.check_shape("b", 16)
 
 
+
+def test_startup_width_check_reads_one_header_per_file_size(tmp_path, monkeypatch):
+    """The startup check stats every file and opens one HDF5 header per distinct size: six files of one width
+    cost one header; a later file of another width (another size) is still named, with its shape."""
+    from vlpet.data import DataError
+    from vlpet.data.features import FeatureDir, write_h5_features
+
+    ids = [f"img{k}" for k in range(6)]
+    for i in ids:
+        write_h5_features(tmp_path / f"{i}.h5", i, np.zeros((49, 16), np.float32))
+    fd = FeatureDir(tmp_path)
+    opened = []
+    shape = FeatureDir.feature_shape
+    monkeypatch.setattr(FeatureDir, "feature_shape", lambda self, i: opened.append(i) or shape(self, i))
+    fd.check_widths(ids, 16)
+    assert opened == ["img0"]
+    write_h5_features(tmp_path / "img4.h5", "img4", np.ones((49, 12), np.float32))
+    opened.clear()
+    with pytest.raises(DataError, match=r"img4\.h5.*feature dim 16.*got shape \[49, 12\]"):
+        fd.check_widths(ids, 16)
+    assert opened == ["img0", "img4"]
+    with pytest.raises(DataError, match=r"nope\.h5.*no such file"):
+        fd.check_widths(["nope"] + ids, 16)
+
 def test_features_missing_images(tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["features", "--images", str(tmp_path / "nope"), "--output", str(out), "--encoder",

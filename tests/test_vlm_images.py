@@ -507,3 +507,37 @@ def test_predict_image_names_the_one_image_tasks_of_the_registry(tmp_path):
 
     with pytest.raises(ConfigError, match=r"--task nlvr: one image answers vqa, gqa, caption \(NLVR2"):
         answer(tmp_path / "run", tmp_path / "x.png", "q", task="nlvr")
+
+
+def test_configuration_mistakes_are_config_errors_not_data_errors(tmp_path):
+    """A model type without a prompt style or a video task for --image-root is an option mistake (ConfigError),
+    not a problem with a file (DataError); the message names what was given and what was expected."""
+    from vlpet.data.images import build_image_dataset, vlm_prompt
+    from vlpet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^<model>: expected a VLM of type florence2 / blip-2 / instructblip, "
+                                          r"got 'llava'$") as err:
+        vlm_prompt("llava", "vqa", "what?")
+    assert not isinstance(err.value, DataError)
+    with pytest.raises(ConfigError, match=r"^.*images: expected an image-text task \(vqa, gqa, nlvr, caption\) for "
+                                          r"--image-root, got 'tvqa'$") as err:
+        build_image_dataset("tvqa", "train", tmp_path, tmp_path / "images", None, "florence2")
+    assert not isinstance(err.value, DataError)
+
+
+def test_raw_images_and_feature_files_share_the_recipe(capsys):
+    """Trainer._recipe sets epochs, lr and task specs and splits the paper's global batch over the processes
+    for both inputs (build_native calls it): 3 processes without --batch-size get 500 // 3 = 166 VQA examples
+    each, with the notice, and the other tasks are scaled from the VQA batch (spec §4.2)."""
+    from types import SimpleNamespace
+
+    from vlpet.data import task_batch_sizes
+    from vlpet.train.loop import Trainer
+
+    cfg = SimpleNamespace(method="vl-pet-large", epochs=None, lr=None, batch_size=None, caption_no_repeat_ngram_size=3)
+    trainer = SimpleNamespace(cfg=cfg, dist=SimpleNamespace(world_size=3, is_main=True), tasks=TASKS, video=False)
+    sizes, per_process = Trainer._recipe(trainer, "bart")
+    assert (trainer.epochs, trainer.lr) == (20, 1e-3)
+    assert per_process == task_batch_sizes(166) and sizes == task_batch_sizes(498)
+    assert "the paper's batch 500 is not divisible by 3 processes; using 166 per process" in capsys.readouterr().out
+    assert set(trainer.specs) == set(TASKS) and trainer.specs["caption"].decode_kwargs()["no_repeat_ngram_size"] == 3

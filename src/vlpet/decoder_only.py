@@ -18,7 +18,8 @@ The mapping (docs/decoder-only.md says why):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ from .errors import ConfigError, ShapeError
 from .granularity import GateOptions, SmallGate, paper_granularities, register_gate
 from .method import VALUE_POSITIONS, LoraSpec, MethodConfig, ModuleSpec
 from .methods.adapter import ParallelLinear
-from .presets import scaled_size
+from .presets import (REFERENCE_WIDTH, Family, family_for, list_presets, lookup_preset, register_preset,
+                      scaled_size)
 from .recompute import run_pet
 
 # -- the prefix state one VLModel call shares with its gates and value adapters ----------------------
@@ -126,24 +128,15 @@ class PrefixParallelLinear(_Bound, ParallelLinear):
 
 # -- presets ---------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DecoderFamily:
-    """Settings of the decoder-only presets (docs/decoder-only.md):
-    r = d/8 (the BART family's 96 at width 768), 4 heads, r_g = r; zero-initialised W_up (ΔH = 0) and gate
-    (σ gates: G = 0.5, middleY: G = 1) with s = 1 / G_init, so that every gated preset starts as the exact
-    pretrained LM (as LoRA's B = 0 does) instead of halving every sub-layer of a pretrained decoder."""
-
-    n_heads: int = 4
-    lr: float = 3e-4
-    batch: int = 64
-
-
-DECODER = DecoderFamily()
+# The decoder-only presets are entries of the preset registry under family "decoder" (its settings,
+# with why they are so, are presets.FAMILIES["decoder"]); registered below, on the first lookup of that
+# family (presets.Family.module).
+DECODER = family_for("decoder")
 SELF_ATTN_FFN = ("encoder.self_attn", "encoder.ffn")
 VALUE = ("encoder.self_attn.v",)
 # Not yet measured against "all" on the offline task (docs/decoder-only.md, "What is not measured"): chosen
 # because it is the paper's placement read literally (adapted values of the image + text the answer attends to).
-DEFAULT_VALUE_POSITIONS = "prefix"
+DEFAULT_VALUE_POSITIONS = DECODER.value_positions
 
 
 def adapter_rank(d_model: int, multiple: int = 1) -> int:
@@ -155,10 +148,10 @@ def _gate_kind(g: str) -> str:
     return "causal_small" if g == "small" else g
 
 
-def _gated(g: str, d_model: int, n_heads: int) -> ModuleSpec:
+def _gated(g: str, f: Family, d_model: int, n_heads: int) -> ModuleSpec:
     r = adapter_rank(d_model, n_heads)
     return ModuleSpec(placements=SELF_ATTN_FFN, modification="adapter", r=r, n_heads=n_heads,
-                      gate=GateOptions(kind=_gate_kind(g), r_g=r), scale=1.0 if g == "middley" else 2.0,
+                      gate=GateOptions(kind=_gate_kind(g), r_g=r), scale=1.0 if g == "middley" else f.scale,
                       zero_init=("up", "gate"))
 
 
@@ -167,52 +160,68 @@ def value_adapter(d_model: int, positions: str = DEFAULT_VALUE_POSITIONS) -> Mod
                       zero_init=("up",), positions=positions)
 
 
-def _vl_pet(g, d, n_heads, positions, name):
+def _vl_pet(g: str, single_head: bool, name: str, f: Family, d_model=None) -> MethodConfig:
+    d = d_model or REFERENCE_WIDTH
+    n_heads = 1 if single_head else f.n_heads
+    positions = f.value_positions
     return MethodConfig(
-        name=name, modules=(_gated(g, d, n_heads), value_adapter(d, positions)),
+        name=name, modules=(_gated(g, f, d, n_heads), value_adapter(d, positions)),
         trainable=("visual_embedding", "encoder_layer_norms"), task_prompts=False,
         description=f"VL-PET with G_{g} on a decoder-only LM: {n_heads}-head adapters after self-attention and "
                     f"MLP of every layer, value adapter on self-attention v_proj ({positions} positions), "
                     f"projector, LM norms")
 
 
+@register_preset("full", "baseline", lr=1e-5, family="decoder")
+def _full(f: Family, d_model=None) -> MethodConfig:
+    return MethodConfig(name="full", trainable=("all",), task_prompts=False,
+                        description="full fine-tuning of projector + LM (vision tower frozen)")
+
+
+@register_preset("bitfit", "baseline", family="decoder")
+def _bitfit(f: Family, d_model=None) -> MethodConfig:
+    return MethodConfig(name="bitfit", trainable=("visual_embedding", "biases"), add_biases=True,
+                        task_prompts=False, description="all LM biases (zeros added where the LM has none) "
+                        "+ projector")
+
+
+@register_preset("lora", "baseline", family="decoder")
+def _lora(f: Family, d_model=None) -> MethodConfig:
+    d = d_model or REFERENCE_WIDTH
+    return MethodConfig(name="lora", task_prompts=False,
+                        lora=LoraSpec(("encoder.self_attn.q", "encoder.self_attn.v"),
+                                      r=max(1, round(d / 6)), alpha=32, dropout=0.1),
+                        trainable=("visual_embedding",),
+                        description="the paper's LoRA row: PEFT LoRA on q, v of every LM layer (r = d/6, "
+                                    "128 at width 768) + projector")
+
+
+@register_preset("vl-adapter", "baseline", family="decoder")
+def _vl_adapter(f: Family, d_model=None) -> MethodConfig:
+    return MethodConfig(name="vl-adapter", task_prompts=False,
+                        modules=(ModuleSpec(placements=SELF_ATTN_FFN, modification="adapter",
+                                            r=adapter_rank(d_model or REFERENCE_WIDTH), zero_init=("up",)),),
+                        trainable=("visual_embedding", "all_layer_norms"),
+                        description="VL-Adapter: one single-head adapter after every sub-layer + LM norms")
+
+
+for _g in paper_granularities():
+    register_preset(f"vl-pet-{_g}", "vl-pet", family="decoder")(partial(_vl_pet, _g, False, f"vl-pet-{_g}"))
+for _g in paper_granularities():
+    register_preset(f"vl-adapter-g-{_g}-lw", "table9", family="decoder")(
+        partial(_vl_pet, _g, True, f"vl-adapter-g-{_g}-lw"))
+
+DECODER_PRESETS = list_presets(family="decoder")
+
+
 def decoder_preset(name: str, d_model: int, value_positions: str = DEFAULT_VALUE_POSITIONS) -> MethodConfig:
-    """The preset `name` for a decoder-only VLM with LM width `d_model`."""
-    key = name.lower()
+    """The preset `name` for a decoder-only VLM with LM width `d_model`, its value adapter on
+    `value_positions` ("prefix": the image + prompt positions, or "all")."""
     if value_positions not in VALUE_POSITIONS:
         raise ConfigError(f"value_positions {value_positions!r} is not allowed; expected one of: "
                           f"{', '.join(VALUE_POSITIONS)}")
-    grans = paper_granularities()
-    if key.startswith("vl-pet-") and key[7:] in grans:
-        return _vl_pet(key[7:], d_model, DECODER.n_heads, value_positions, key)
-    if key.startswith("vl-adapter-g-") and key.endswith("-lw") and key[13:-3] in grans:
-        return _vl_pet(key[13:-3], d_model, 1, value_positions, key)
-    r = adapter_rank(d_model)
-    if key == "full":
-        return MethodConfig(name="full", trainable=("all",), task_prompts=False,
-                            description="full fine-tuning of projector + LM (vision tower frozen)")
-    if key == "bitfit":
-        return MethodConfig(name="bitfit", trainable=("visual_embedding", "biases"), add_biases=True,
-                            task_prompts=False, description="all LM biases (zeros added where the LM has none) "
-                            "+ projector")
-    if key == "lora":
-        return MethodConfig(name="lora", task_prompts=False,
-                            lora=LoraSpec(("encoder.self_attn.q", "encoder.self_attn.v"),
-                                          r=max(1, round(d_model / 6)), alpha=32, dropout=0.1),
-                            trainable=("visual_embedding",),
-                            description="the paper's LoRA row: PEFT LoRA on q, v of every LM layer (r = d/6, "
-                                        "128 at width 768) + projector")
-    if key == "vl-adapter":
-        return MethodConfig(name="vl-adapter", task_prompts=False,
-                            modules=(ModuleSpec(placements=SELF_ATTN_FFN, modification="adapter", r=r,
-                                                zero_init=("up",)),),
-                            trainable=("visual_embedding", "all_layer_norms"),
-                            description="VL-Adapter: one single-head adapter after every sub-layer + LM norms")
-    raise ConfigError(f"preset {name!r} is not offered on decoder-only VLMs; allowed: {', '.join(DECODER_PRESETS)}")
-
-
-DECODER_PRESETS = ("full", "bitfit", "lora", "vl-adapter") + tuple(f"vl-pet-{g}" for g in paper_granularities()) \
-    + tuple(f"vl-adapter-g-{g}-lw" for g in paper_granularities())
+    preset = lookup_preset(name, "decoder")
+    return preset.build(replace(family_for("decoder", d_model=d_model), value_positions=value_positions), d_model)
 
 
 # -- the model side: forward and generate with the seq2seq interface -----------------------------------

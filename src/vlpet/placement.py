@@ -88,9 +88,10 @@ class GatedSublayer(nn.Module):
         return tuple(out)
 
 
-def make_delta(spec: ModuleSpec, d_model: int) -> nn.Module | None:
+def make_delta(spec: ModuleSpec, d_model: int, d_out: int | None = None) -> nn.Module | None:
+    """ΔH reading d_model features and giving d_out (default d_model; only the adapter takes another)."""
     if spec.modification == "adapter":
-        return Bottleneck(d_model, spec.r, spec.n_heads)
+        return Bottleneck(d_model, spec.r, spec.n_heads, d_out)
     if spec.modification == "phm_adapter":
         return PHMBottleneck(d_model, spec.r, spec.phm_n)
     return None
@@ -131,13 +132,12 @@ def place_modules(backbone: nn.Module, arch: ArchSpec, method: MethodConfig, ctx
 def _place_projection(layer, arch, placement, spec, d_model):
     path = _through_wrappers(layer, arch.projections[placement])
     base = get_module(layer, path)
-    delta = make_delta(spec, d_model)
     out = getattr(base, "out_features", d_model)
-    if out != d_model:  # grouped-query attention: v_proj gives n_kv_heads x head_dim < d_model (issue 20)
-        if not isinstance(delta, Bottleneck):
-            raise ConfigError(f"placement {placement!r}: a {spec.modification} cannot output {out} features "
-                              f"(the projection's width); use modification 'adapter'")
-        delta.up = nn.Linear(spec.r, out, device=delta.down.weight.device, dtype=delta.down.weight.dtype)
+    # grouped-query attention: v_proj gives n_kv_heads x head_dim < d_model features (issue 20)
+    if out != d_model and spec.modification != "adapter":
+        raise ConfigError(f"placement {placement!r}: a {spec.modification} cannot output {out} features "
+                          f"(the projection's width); use modification 'adapter'")
+    delta = make_delta(spec, d_model, out)
     if spec.positions == "prefix":
         from .decoder_only import PrefixParallelLinear  # image + prompt positions only (issue 20)
 

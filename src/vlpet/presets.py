@@ -8,11 +8,14 @@ optimisation settings, spec §4.5-§4.6). Settings per backbone family (spec §4
 
 Presets are a registry: `@register_preset(name, group)` on a builder `(family settings, d_model) ->
 MethodConfig`; names resolve by lookup, and PRESETS / TABLE2 / TABLE9 / BASELINES are lists of it.
-The family settings are FAMILIES[`ArchSpec.family`] (a new family is one entry there).
+The family settings are FAMILIES[`ArchSpec.family`] (a new family is one entry there). A family may
+have presets of its own (`register_preset(..., family=...)`, registered by the module its entry names):
+the decoder-only VLMs' ("decoder", vlpet.decoder_only).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -46,7 +49,20 @@ class Family:
     zero_init: bool
     lr: float
     batch: int
+    # a family with presets of its own: the module that registers them (imported on first lookup, which
+    # keeps `import vlpet` light) and the one-line error for a name it does not offer ({name}, {allowed})
+    module: str | None = None
+    unknown: str = "unknown method/preset {name!r}; allowed: {allowed}"
+    value_positions: str | None = None  # decoder-only: where the value adapter acts ("prefix" / "all")
 
+
+# Decoder-only VLMs (issue 20, docs/decoder-only.md): r = d/8 (the BART family's 96 at width 768), 4 heads,
+# r_g = r; zero-initialised W_up (ΔH = 0) and gate (σ gates: G = 0.5, middleY: G = 1) with s = 1 / G_init
+# (2, and 1 for middleY), so that every gated preset starts as the exact pretrained LM (as LoRA's B = 0
+# does) instead of halving every sub-layer of a pretrained decoder. Not tuned by the paper.
+_DECODER = Family("decoder", r=96, r_g=96, n_heads=4, scale=2.0, zero_init=True, lr=3e-4, batch=64,
+                  module="vlpet.decoder_only", value_positions="prefix",
+                  unknown="preset {name!r} is not offered on decoder-only VLMs; allowed: {allowed}")
 
 # Per family name (`ArchSpec.family`): (image-text settings, video settings).
 FAMILIES: dict[str, tuple[Family, Family]] = {
@@ -54,6 +70,7 @@ FAMILIES: dict[str, tuple[Family, Family]] = {
              Family("bart", r=96, r_g=96, n_heads=4, scale=1.0, zero_init=False, lr=7e-4, batch=50)),
     "t5": (Family("t5", r=192, r_g=192, n_heads=4, scale=0.3, zero_init=True, lr=3e-4, batch=300),
            Family("t5", r=192, r_g=192, n_heads=4, scale=0.3, zero_init=True, lr=3e-4, batch=30)),
+    "decoder": (_DECODER, _DECODER),  # no video path on decoder-only VLMs
 }
 BART_FAMILY, VIDEO_BART_FAMILY = FAMILIES["bart"]
 T5_FAMILY, VIDEO_T5_FAMILY = FAMILIES["t5"]
@@ -92,34 +109,50 @@ class Preset:
     lr: float | None = None  # overrides the family's learning rate
 
 
-_REGISTRY: dict[str, Preset] = {}
+_REGISTRY: dict[str, Preset] = {}  # the presets of every family without its own (BART, T5)
+_OWN: dict[str, dict[str, Preset]] = {}  # family -> its own presets (Family.module registers them)
 GROUPS = ("baseline", "vl-pet", "table9")
 
 
-def register_preset(name: str, group: str, lr: float | None = None):
-    """Decorator (or call with the builder) that registers `build(family, d_model) -> MethodConfig`."""
+def register_preset(name: str, group: str, lr: float | None = None, family: str | None = None):
+    """Decorator (or call with the builder) that registers `build(family, d_model) -> MethodConfig`;
+    `family`: a preset of that family's own table (None: of the table BART and T5 share)."""
     if group not in GROUPS:
         raise ConfigError(f"preset {name!r}: group {group!r} is not one of {', '.join(GROUPS)}")
+    table = _REGISTRY if family is None else _OWN.setdefault(family, {})
 
     def add(build):
-        if name in _REGISTRY:
+        if name in table:
             raise ConfigError(f"preset {name!r} is registered twice")
-        _REGISTRY[name] = Preset(name, build, group, lr)
+        table[name] = Preset(name, build, group, lr)
         return build
 
     return add
 
 
-def list_presets(*groups: str) -> tuple[str, ...]:
-    """Registered preset names in registration order, of the given groups (all without any)."""
-    return tuple(n for n, p in _REGISTRY.items() if not groups or p.group in groups)
+def _table(family: str | None) -> dict[str, Preset]:
+    f = FAMILIES.get(family, (None,))[0]
+    if f is None or f.module is None:
+        return _REGISTRY
+    importlib.import_module(f.module)  # registers the family's presets (once)
+    return _OWN.get(family, {})
 
 
-def _lookup(name: str) -> Preset:
+def list_presets(*groups: str, family: str | None = None) -> tuple[str, ...]:
+    """Registered preset names in registration order, of the given groups (all without any); `family`:
+    the names that family offers (None: those BART and T5 share)."""
+    return tuple(n for n, p in _table(family).items() if not groups or p.group in groups)
+
+
+def lookup_preset(name: str, family: str | None = None) -> Preset:
+    """The registry entry of preset `name` (any case) for a backbone family; a ConfigError naming the
+    allowed presets for a name the family does not offer."""
+    table = _table(family)
     key = name.lower()
-    if key not in _REGISTRY:
-        raise ConfigError(f"unknown method/preset {name!r}; allowed: {', '.join(_REGISTRY)}")
-    return _REGISTRY[key]
+    if key not in table:
+        template = FAMILIES[family][0].unknown if table is not _REGISTRY else Family.unknown
+        raise ConfigError(template.format(name=name, allowed=", ".join(table)))
+    return table[key]
 
 
 def _gated_encoder(f: Family, granularity: str, modification: str, n_heads: int, d_model=None) -> ModuleSpec:
@@ -244,23 +277,15 @@ PAPER_PARAMS_PERCENT = {
 
 def get_preset(name: str, family: str = "bart", video: bool = False, d_model: int | None = None) -> MethodConfig:
     """The preset `name` for a backbone family ("bart" / "t5", `ArchSpec.family`); `d_model` scales the
-    adapter sizes with the language model's width (None: the paper's sizes, set for width 768)."""
-    if family == "decoder":  # decoder-only VLMs (issue 20): their own mapping, vlpet.decoder_only
-        from .decoder_only import decoder_preset
-
-        return decoder_preset(name, d_model or REFERENCE_WIDTH)
-    preset = _lookup(name)
+    adapter sizes with the language model's width (None: the paper's sizes, set for width 768).
+    "decoder" (decoder-only VLMs, issue 20) has presets of its own: see vlpet.decoder_only."""
+    preset = lookup_preset(name, family)
     return preset.build(family_for(family, video, d_model), d_model)
 
 
 def train_defaults(name: str, family: str = "bart", video: bool = False) -> TrainDefaults:
     """The paper's learning rate and VQA batch for preset `name` (spec §4.5-§4.6): the family's, except
-    where the preset sets its own (full fine-tuning: 1e-4)."""
-    if family == "decoder":  # decoder-only VLMs (issue 20): not tuned by the paper; see docs/decoder-only.md
-        from .decoder_only import DECODER, decoder_preset
-
-        decoder_preset(name, REFERENCE_WIDTH)  # a ConfigError for a preset not offered there
-        return TrainDefaults(lr=1e-5 if name.lower() == "full" else DECODER.lr, batch_size=DECODER.batch, epochs=20)
-    preset = _lookup(name)
+    where the preset sets its own (full fine-tuning: 1e-4; on decoder-only VLMs 1e-5)."""
+    preset = lookup_preset(name, family)
     f = family_for(family, video)
     return TrainDefaults(lr=preset.lr if preset.lr is not None else f.lr, batch_size=f.batch, epochs=20)

@@ -59,6 +59,8 @@ def _encode(tokenizer, text: str, max_len: int | None) -> list[int]:
 class ImageTextDataset(Dataset):
     """Base class. Subclasses fill ``self.items`` and implement ``_example``."""
 
+    tokenizes = True  # the examples are tokenized here (with the tokenizer's pad token); False: by the collator
+
     def __init__(
         self,
         spec: TaskSpec,
@@ -82,9 +84,9 @@ class ImageTextDataset(Dataset):
         self.split = split
         self.epoch = 0
         pad = getattr(tokenizer, "pad_token_id", None)
-        if pad is None:
+        if pad is None and self.tokenizes:
             raise ValueError("the tokenizer has no pad token (pad_token_id is None)")
-        self.pad_id = int(pad)
+        self.pad_id = None if pad is None else int(pad)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -130,14 +132,18 @@ class ImageTextDataset(Dataset):
             )
 
     def check_feature_dim(self, feat_dim: int) -> None:
-        """Every image's feature width is `feat_dim`: read from the file headers now (a mixed folder would
-        otherwise stop a run mid-way), and checked again on every later read."""
+        """Every image's feature width is `feat_dim`: checked now from the files (a mixed folder would
+        otherwise stop a run mid-way; FeatureDir.check_widths, one header per file size), and again on
+        every later read."""
         for fd in self.feature_dirs.values():
             fd.expected_dim = feat_dim
+        by_source: dict[str, list[str]] = {}
         for s, i in dict.fromkeys(self.image_ids()):
+            by_source.setdefault(s, []).append(i)
+        for s, ids in by_source.items():
             fd = self.feature_dirs[s]
-            if hasattr(fd, "check_shape"):  # HDF5 headers; video .npz files are checked when read
-                fd.check_shape(i, feat_dim)
+            if hasattr(fd, "check_widths"):  # HDF5 files; video .npz files are checked when read
+                fd.check_widths(ids, feat_dim)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(task={self.task!r}, split={self.split!r}, mode={self.mode!r}, n={len(self)})"

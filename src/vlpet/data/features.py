@@ -222,6 +222,23 @@ class FeatureDir:
                             f"[{shape[0]}, {expected_dim}])", field=f"{img_id}/features",
                             got=f"shape {list(shape)}; features from another encoder?")
 
+    def check_widths(self, img_ids, expected_dim: int) -> None:
+        """`check_shape` for a whole folder at the cost of a stat per file and one HDF5 header per distinct
+        file size: a [49, F] array is stored contiguously (vlpet and VL-Adapter write it uncompressed), so a
+        file of another width has another size. Opening every header took minutes on VQAv2-sized folders;
+        compressed files (all sizes differ) fall back to one header each. Every read re-checks the width."""
+        checked: set[int] = set()
+        for i in img_ids:
+            try:
+                size = self.path(i).stat().st_size
+            except OSError:
+                size = None  # missing or unreadable: check_shape names the problem
+            if size in checked:
+                continue
+            self.check_shape(i, expected_dim)
+            if size is not None:
+                checked.add(size)
+
     def missing(self, img_ids) -> list[str]:
         """The ids whose feature file does not exist (for an early check before training)."""
         return [i for i in img_ids if not self.path(i).is_file()]

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..errors import ConfigError
 from .datasets import ImageTextDataset, best_answer, sample_answer
 from .errors import DataError
 from .layout import VLAdapterLayout, resolve_data_root
@@ -133,7 +134,7 @@ def vlm_prompt(model_type: str, task: str, sent: str = "") -> str:
     Florence-2 plain questions and its ``<CAPTION>`` task token; BLIP-2 / InstructBLIP
     ``"Question: {q} Answer:"``."""
     if model_type not in VLM_TYPES:
-        raise DataError("<model>", f"a VLM of type {' / '.join(VLM_TYPES)}", got=repr(model_type))
+        raise ConfigError(f"<model>: expected a VLM of type {' / '.join(VLM_TYPES)}, got {model_type!r}")
     if model_type == "florence2":
         return {"caption": "<CAPTION>", "nlvr": f"True or false: {sent}"}.get(task, sent)
     if task == "caption":
@@ -162,14 +163,11 @@ class NativeDataset(ImageTextDataset):
     """One task of the VL-Adapter layout read with images: examples carry ``image`` (an
     :class:`ImageRef`), ``text`` (the VLM prompt) and ``target_text``; the rest as the feature datasets."""
 
+    tokenizes = False  # the collator tokenizes (through the VLM's processor): no tokenizer is needed here
+
     def __init__(self, spec: TaskSpec, items: list, tokenizer, image_root: ImageRoot, model_type: str, *, mode: str,
                  seed: int = 0, split: str = "") -> None:
-        if mode not in ("train", "eval"):
-            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-        # the collator tokenizes (through the VLM's processor): no tokenizer is needed here
-        self.spec, self.task, self.items, self.tokenizer = spec, spec.name, items, tokenizer
-        self.feature_dirs, self.mode, self.seed, self.split, self.epoch = {}, mode, int(seed), split, 0
-        self.pad_id = getattr(tokenizer, "pad_token_id", None)
+        super().__init__(spec, items, tokenizer, {}, mode=mode, seed=seed, split=split)
         self.image_root = image_root
         self.model_type = model_type
         self.kind = task_entry(self.task).kind  # qa / classification (two images) / caption
@@ -244,8 +242,8 @@ def build_image_dataset(task: str, split: str, data_root, image_root, tokenizer,
     :func:`vlpet.data.build_dataset`, whose ``image_root=`` calls this)."""
     task = canonical_task(task)
     if task not in task_names("image"):
-        raise DataError(image_root, f"an image-text task ({', '.join(task_names('image'))}) for --image-root",
-                        got=repr(task))
+        raise ConfigError(f"{os.fspath(image_root)}: expected an image-text task ({', '.join(task_names('image'))}) "
+                          f"for --image-root, got {task!r}")
     layout = layout or VLAdapterLayout(resolve_data_root(data_root))
     root = image_root if isinstance(image_root, ImageRoot) else ImageRoot(image_root)
     spec = spec or get_task_spec(task)

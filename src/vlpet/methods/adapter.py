@@ -18,13 +18,16 @@ from ..recompute import run_pet
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, d_model: int, r: int, n_heads: int = 1):
+    """`d_out`: the width of ΔH (default d_model); narrower for a value adapter on grouped-query attention,
+    whose v_proj gives n_kv_heads x head_dim features."""
+
+    def __init__(self, d_model: int, r: int, n_heads: int = 1, d_out: int | None = None):
         super().__init__()
         if r % n_heads:
             raise ConfigError(f"adapter bottleneck r={r} must be divisible by n_heads={n_heads} (spec §1.2)")
         self.n_heads = n_heads
         self.down = nn.Linear(d_model, r)
-        self.up = nn.Linear(r, d_model)
+        self.up = nn.Linear(r, d_model if d_out is None else d_out)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.up(gelu_new(self.down(h)))

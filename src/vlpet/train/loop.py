@@ -228,11 +228,10 @@ class Trainer:
 
     def _build(self) -> None:
         from ..backbones.loading import load_tokenizer
-        from ..data import TaskBatchLoader, build_dataset, task_batch_sizes
-        from ..data.sampler import MultitaskLoader
-        from ..data.tasks import canonical_task, get_task_spec
+        from ..data import build_dataset
+        from ..data.tasks import canonical_task
         from ..model import VisualConfig, VLModel
-        from ..presets import get_preset, train_defaults
+        from ..presets import get_preset
 
         cfg = self.cfg
         self.tasks = tuple(canonical_task(t) for t in cfg.tasks)
@@ -257,27 +256,8 @@ class Trainer:
             from ..method import MethodConfig
 
             method = MethodConfig.from_dict({**method.to_dict(), **cfg.method_overrides}, "--method-overrides")
-        defaults = train_defaults(cfg.method, arch.family, video=self.video)
-        self.epochs = cfg.epochs or defaults.epochs
-        self.lr = cfg.lr or defaults.lr
-        world = self.dist.world_size
-        if cfg.batch_size:
-            vqa_bs = cfg.batch_size
-        else:  # the paper's batch is global: split it over the processes
-            vqa_bs = max(1, defaults.batch_size // world)
-            if defaults.batch_size % world and self.dist.is_main:
-                print(f"vlpet: the paper's batch {defaults.batch_size} is not divisible by {world} processes; "
-                      f"using {vqa_bs} per process (global {vqa_bs * world}); pass --batch-size to choose")
-        self.specs = {t: get_task_spec(t, use_prompts=method.task_prompts, official_gqa_typo=cfg.official_gqa_typo,
-                                       caption_no_repeat_ngram_size=cfg.caption_no_repeat_ngram_size)
-                      for t in self.tasks}
-        # video: one batch size for all four tasks (spec §4.2). `--batch-size` is per process; the loaders
-        # hold the global batches (W x it, the other tasks scaled from the global VQA batch) and each rank
-        # takes its contiguous part of every global batch (vlpet.data.sampler), so W processes with
-        # --batch-size B/W train on exactly the batches of one process with --batch-size B. Without
-        # --batch-size the paper's (global) batch is divided by W.
-        sizes = {t: vqa_bs * world for t in self.tasks} if self.video else task_batch_sizes(vqa_bs * world)
-        per_process = {t: vqa_bs for t in self.tasks} if self.video else task_batch_sizes(vqa_bs)
+        sizes, per_process = self._recipe(arch.family, use_prompts=method.task_prompts,
+                                          official_gqa_typo=cfg.official_gqa_typo)
         train_sets = {t: build_dataset(t, "train", cfg.data_root, self.tokenizer, spec=self.specs[t], seed=cfg.seed,
                                        feat_dim=cfg.feat_dim, feature_dirname=cfg.feature_dirname,
                                        limit=cfg.limit_train, mask_padded_frames=self.mask_padded_frames,
@@ -293,6 +273,36 @@ class Trainer:
         apply_frozen_dtype(self.model, cfg.frozen_dtype, cfg.precision)
         self.feat_dim = feat_dim
         self._build_training(sizes, per_process, train_sets)
+
+    def _recipe(self, family: str, **spec_options) -> tuple[dict, dict]:
+        """The preset's recipe, the same for feature files and raw images: sets epochs, learning rate and the
+        task specs (`spec_options` for get_task_spec), returns the (global, per-process) batch size per task."""
+        from ..data import task_batch_sizes
+        from ..data.tasks import get_task_spec
+        from ..presets import train_defaults
+
+        cfg = self.cfg
+        defaults = train_defaults(cfg.method, family, video=self.video)
+        self.epochs = cfg.epochs or defaults.epochs
+        self.lr = cfg.lr or defaults.lr
+        world = self.dist.world_size
+        if cfg.batch_size:
+            vqa_bs = cfg.batch_size
+        else:  # the paper's batch is global: split it over the processes
+            vqa_bs = max(1, defaults.batch_size // world)
+            if defaults.batch_size % world and self.dist.is_main:
+                print(f"vlpet: the paper's batch {defaults.batch_size} is not divisible by {world} processes; "
+                      f"using {vqa_bs} per process (global {vqa_bs * world}); pass --batch-size to choose")
+        self.specs = {t: get_task_spec(t, caption_no_repeat_ngram_size=cfg.caption_no_repeat_ngram_size,
+                                       **spec_options) for t in self.tasks}
+        # video: one batch size for all four tasks (spec §4.2). `--batch-size` is per process; the loaders
+        # hold the global batches (W x it, the other tasks scaled from the global VQA batch) and each rank
+        # takes its contiguous part of every global batch (vlpet.data.sampler), so W processes with
+        # --batch-size B/W train on exactly the batches of one process with --batch-size B. Without
+        # --batch-size the paper's (global) batch is divided by W.
+        sizes = {t: vqa_bs * world for t in self.tasks} if self.video else task_batch_sizes(vqa_bs * world)
+        per_process = {t: vqa_bs for t in self.tasks} if self.video else task_batch_sizes(vqa_bs)
+        return sizes, per_process
 
     def _build_training(self, sizes: dict, per_process: dict, train_sets: dict, collate_fn=None) -> None:
         """Loaders, optimizer, schedule, DDP / compile wrappers: the same for feature files and raw images."""

@@ -99,11 +99,9 @@ def resolve_vlm_method(backbone: str, method, overrides: dict, config=None):
 
 def build_native(trainer) -> None:
     """Trainer._build for raw images: the VLM, its processor, image datasets, the feature cache."""
-    from ..data import build_dataset, task_batch_sizes
+    from ..data import build_dataset
     from ..data.images import ImageRoot, NativeCollator
-    from ..data.tasks import get_task_spec
     from ..frozen_precision import apply_frozen_dtype
-    from ..presets import train_defaults
     from .loop import IMAGE_TASKS, seed_everything
 
     cfg = trainer.cfg
@@ -124,14 +122,7 @@ def build_native(trainer) -> None:
     trainer.tokenizer = processor.tokenizer
     if getattr(trainer.tokenizer, "pad_token_id", None) is None:
         raise ConfigError(f"--backbone {cfg.backbone}: its tokenizer has no pad token")
-    defaults = train_defaults(cfg.method, model.arch.family)
-    trainer.epochs = cfg.epochs or defaults.epochs
-    trainer.lr = cfg.lr or defaults.lr
-    world = trainer.dist.world_size
-    vqa_bs = cfg.batch_size or max(1, defaults.batch_size // world)
-    sizes, per_process = task_batch_sizes(vqa_bs * world), task_batch_sizes(vqa_bs)
-    trainer.specs = {t: get_task_spec(t, caption_no_repeat_ngram_size=cfg.caption_no_repeat_ngram_size)
-                     for t in trainer.tasks}
+    sizes, per_process = trainer._recipe(model.arch.family)  # epochs, lr, specs and batches as for features
     train_sets = {t: build_dataset(t, "train", cfg.data_root, trainer.tokenizer, spec=trainer.specs[t], seed=cfg.seed,
                                    limit=cfg.limit_train, image_root=image_root, model_type=model_type,
                                    check_features=True)  # every image exists, before anything is written
