@@ -15,6 +15,7 @@ Rows:
 - floor: the same vlpet model with no PET module (only the projector trains, so the backward still runs
   through the whole LM): what every vlpet row pays at least;
 - <preset>+rc: the preset with its PET activations recomputed in the backward (vlpet.recompute, issue 19);
+- <preset>+compile: the vlpet model through torch.compile (inductor, default mode; compile time not timed);
 - plain-peft-lora: the plain Hugging Face model in bf16 with PEFT's `get_peft_model` LoRA (r 16, alpha 32,
   dropout 0.05, every linear layer of the language model: q, k, v, o, gate, up, down; adapters fp32, PEFT's
   default for a bf16 base), fed [prompt ; answer] with labels -100 on the prompt, as its users train it
@@ -113,7 +114,8 @@ def build(backbone: str, method: str, tiny: bool, device):
         from vlpet.backbones.vlm import lm_width
         from vlpet.presets import get_preset
 
-        preset, recompute = (method[:-3], True) if method.endswith("+rc") else (method, False)
+        preset, compiled = (method[:-8], True) if method.endswith("+compile") else (method, False)
+        preset, recompute = (preset[:-3], True) if preset.endswith("+rc") else (preset, False)
         if preset == "floor":  # what every method pays at least: no PET module, the backward runs the whole LM
             method_config = B.method_config("floor", "bart-base")
         else:
@@ -126,9 +128,12 @@ def build(backbone: str, method: str, tiny: bool, device):
         if device.type == "cuda":
             model.set_frozen_dtype(torch.bfloat16)
 
+        # +compile: torch.compile (inductor, default mode) of the whole vlpet model; compile time not timed
+        fwd = torch.compile(model) if compiled else model
+
         def loss(b):
-            return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
-                         pixel_values=b["pixel_values"]).loss
+            return fwd(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                       pixel_values=b["pixel_values"]).loss
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, loss

@@ -591,9 +591,10 @@ def parse_args(argv=None):
         from vlpet.decoder_only import DECODER_PRESETS
 
         for m in args.methods:
-            if m.removesuffix("+rc") not in (*DECODER_PRESETS, "floor") and m != "plain-peft-lora":
+            if m.removesuffix("+compile").removesuffix("+rc") not in (*DECODER_PRESETS, "floor") \
+                    and m != "plain-peft-lora":
                 p.error(f"--methods: {m!r} is not offered on decoder-only VLMs; allowed: "
-                        f"{', '.join(DECODER_PRESETS)}, floor, plain-peft-lora (a preset may end in +rc)")
+                        f"{', '.join(DECODER_PRESETS)}, floor, plain-peft-lora (a preset may end in +rc, +compile or +rc+compile)")
         return args
     for b in args.backbones:
         if b not in B.PAPER_BATCH:
