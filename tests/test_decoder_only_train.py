@@ -99,6 +99,19 @@ def test_long_answers_keep_the_eos(models, fx):
     assert ids == model.tokenizer(" a b c", add_special_tokens=False)["input_ids"] + [model.tokenizer.eos_token_id]
 
 
+def test_caption_max_length_becomes_new_tokens():
+    # the task spec's seq2seq max_length counts the decoder's tokens with its start token; decoder-only
+    # generate would count the prompt too
+    from vlpet.data.decoder_prompts import generation_settings
+    from vlpet.data.tasks import get_task_spec
+
+    spec = get_task_spec("caption").decode_kwargs()
+    got = generation_settings(spec)
+    assert "max_length" not in got and got["max_new_tokens"] == spec["max_length"] - 1
+    assert {k: v for k, v in got.items() if k != "max_new_tokens"} == {k: v for k, v in spec.items()
+                                                                      if k != "max_length"}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_nlvr_reads_the_first_answer_token_of_each_class(family, models, fx):
     """Evaluation's class logits = the teacher-forced logits of the class word's first answer token."""

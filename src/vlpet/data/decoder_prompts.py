@@ -36,7 +36,6 @@ class DecoderPrompt:
     after_text: str = ""  # what the processor appends to the text itself (PaliGemma: "\n")
     images_in_text: bool = True  # False: the processor places the image tokens (PaliGemma)
     max_images: int = 2  # images one prompt may hold (NLVR2 needs 2)
-    nested_images: bool = False  # the processor takes one list of images per prompt (Idefics3)
     instructions: Mapping[str, str] = field(default_factory=dict)  # task -> text, "{sent}" = question/statement
 
 
@@ -47,7 +46,7 @@ DECODER_PROMPTS: dict[str, DecoderPrompt] = {
     "llava": DecoderPrompt("LLaVA", "<image>", "USER: {images}\n{text} ASSISTANT:", instructions=_INSTRUCTIONS),
     # SmolVLM-Instruct's format; its processor's chat template (when saved) renders the same
     "idefics3": DecoderPrompt("Idefics3", "<image>", "<|im_start|>User:{images}{text}<end_of_utterance>\nAssistant:",
-                              nested_images=True, instructions=_INSTRUCTIONS),
+                              instructions=_INSTRUCTIONS),
     "qwen2_vl": DecoderPrompt("Qwen2-VL", "<|vision_start|><|image_pad|><|vision_end|>",
                               "<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n", answer_sep="",
                               instructions=_INSTRUCTIONS),
@@ -164,7 +163,8 @@ class DecoderOnlyCollator(NativeCollator):
         images = [self._images(e["image"]) for e in examples]
         prompts = [render_prompt(self.processor, self.model_type, e["text"], len(im))
                    for e, im in zip(examples, images)]
-        flat = images if self.family.nested_images else [i for im in images for i in im]
+        # one flat list, in prompt order: every processor assigns the images to the prompts by their image tokens
+        flat = [i for im in images for i in im]
         enc = dict(self.processor(images=flat, text=prompts, padding=True, return_tensors="pt"))
         batch: dict[str, Any] = {k: v for k, v in enc.items() if k in NATIVE_INPUT_KEYS}
         max_len = getattr(self._spec_of(examples[0]), "max_target_len", None)
