@@ -5,8 +5,9 @@ InstructBLIP with a T5 language model; the decoder-only LLaVA, Idefics3 / SmolVL
 Everything but the inputs is the trainer of :mod:`vlpet.train.loop`: the same task sampling, batch
 sizes, optimizer, schedule, checkpoints, resume, validation, test and error handling. The frozen
 image features are cached on disk (:mod:`vlpet.data.image_cache`) when the part of the image path
-before the first trainable module is frozen; ``--no-image-cache`` runs the vision tower every step. Decoder-only VLMs have no cache: their vision
-tower runs every step (a log line says so; ``--image-cache-dir`` is a one-line error).
+before the first trainable module is frozen; ``--no-image-cache`` runs the vision tower every step.
+Decoder-only VLMs have no cache: their vision tower runs every step (a log line says so;
+``--image-cache-dir`` is a one-line error).
 """
 
 from __future__ import annotations

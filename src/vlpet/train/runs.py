@@ -83,7 +83,7 @@ def _native_kwargs(model, run: dict, image_root, image_cache: bool | None, dev, 
 
     image_root = image_root or run.get("image_root")
     if not image_root:
-        raise ConfigError("--image-root: required for a VLM adapter (Florence-2 / BLIP-2 / InstructBLIP read images)")
+        raise ConfigError("--image-root: required for a VLM adapter (the VLM reads images)")
     if model.processor is None:
         raise ConfigError("the VLM has no processor here; pass --backbone with a folder or hub id that holds one")
     use_cache = run.get("image_cache", True) if image_cache is None else image_cache
