@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run in --output")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--image-root", default=None,
-                   help="raw images for a Florence-2 / BLIP-2 / InstructBLIP backbone, read through its own processor "
+                   help="raw images for a VLM backbone (Florence-2, BLIP-2, InstructBLIP, LLaVA, Idefics3, Qwen2-VL, "
+                        "PaliGemma), read through its own processor "
                         "instead of feature files: IMAGES/coco/{train,val}2014/, IMAGES/gqa/images/, "
                         "IMAGES/nlvr2/images/{train,dev,test1}/ (.jpg or .png)")
     p.add_argument("--no-image-cache", dest="image_cache", action="store_false", default=None,

@@ -39,13 +39,16 @@ from .records import read_coco_karpathy, read_gqa, read_nlvr2, read_vqa
 from .tasks import TaskSpec, canonical_task, get_task_spec, task_entry, task_names
 
 __all__ = ["ImageRef", "ImageRoot", "open_image", "vlm_prompt", "NativeDataset", "build_image_dataset",
-           "NativeCollator", "NATIVE_INPUT_KEYS", "IMAGE_EXTENSIONS", "VLM_TYPES"]
+           "NativeCollator", "make_collator", "NATIVE_INPUT_KEYS", "IMAGE_EXTENSIONS", "VLM_TYPES"]
 
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")
 VLM_TYPES = ("florence2", "blip-2", "instructblip")
-#: batch keys that go to the VLM's forward / generate
-NATIVE_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_features", "qformer_input_ids",
-                     "qformer_attention_mask")
+#: batch keys of the encoder-decoder VLMs' processors that go to the VLM's forward / generate
+_SEQ2SEQ_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_features", "qformer_input_ids",
+                       "qformer_attention_mask")
+#: batch keys that go to the VLM's forward / generate (+ the decoder-only processors' image inputs, issue 20)
+NATIVE_INPUT_KEYS = _SEQ2SEQ_INPUT_KEYS + ("pixel_attention_mask", "image_grid_thw", "image_sizes",
+                                           "token_type_ids", "mm_token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,11 @@ def vlm_prompt(model_type: str, task: str, sent: str = "") -> str:
 
 def prompt_fields(model_type: str, task: str, sent: str = "") -> dict[str, str]:
     """An example's ``text`` (the LM prompt) and ``qformer_text`` (InstructBLIP's Q-Former reads the bare
-    question / instruction, not the LM prompt); training, evaluation and ``predict --image`` all use this."""
-    text = vlm_prompt(model_type, task, sent)
+    question / instruction, not the LM prompt); training, evaluation and ``predict --image`` all use this.
+    Decoder-only VLMs: ``text`` is the user's instruction; the collator wraps it in the family's prompt."""
+    from .decoder_prompts import instruction, is_decoder_only
+
+    text = instruction(model_type, task, sent) if is_decoder_only(model_type) else vlm_prompt(model_type, task, sent)
     return {"text": text, "qformer_text": sent or text}
 
 
@@ -325,11 +331,15 @@ class NativeCollator:
             q = self.processor.qformer_tokenizer([e["qformer_text"] for e in examples], padding=True,
                                                  return_tensors="pt")
             enc["qformer_input_ids"], enc["qformer_attention_mask"] = q["input_ids"], q["attention_mask"]
-        batch: dict[str, Any] = {k: v for k, v in enc.items() if k in NATIVE_INPUT_KEYS}
+        batch: dict[str, Any] = {k: v for k, v in enc.items() if k in _SEQ2SEQ_INPUT_KEYS}
         tok = self.processor.tokenizer
         max_len = getattr(self._spec_of(examples[0]), "max_target_len", None)
         tkw = {"truncation": True, "max_length": max_len} if max_len else {}
-        ids = [tok(e["target_text"], **tkw)["input_ids"] for e in examples]
+        return self._finish(batch, examples, [tok(e["target_text"], **tkw)["input_ids"] for e in examples])
+
+    def _finish(self, batch: dict[str, Any], examples, ids: list[list[int]]) -> dict[str, Any]:
+        """``batch`` + the target ids (-100 padding) and the bookkeeping lists of the examples."""
+        task = examples[0]["task"]
         n = max(len(t) for t in ids)
         target = torch.full((len(ids), n), -100, dtype=torch.long)
         for i, t in enumerate(ids):
@@ -354,6 +364,16 @@ class NativeCollator:
         if task not in self._specs:
             self._specs[task] = get_task_spec(task)
         return self._specs[task]
+
+
+def make_collator(processor, model_type: str, cache=None) -> NativeCollator:
+    """The collator of a VLM type: :class:`NativeCollator` (encoder-decoder VLMs) or, for a decoder-only VLM,
+    :class:`~vlpet.data.decoder_prompts.DecoderOnlyCollator` (its prompt format, left padding, answer + EOS)."""
+    from .decoder_prompts import DecoderOnlyCollator, is_decoder_only
+
+    if is_decoder_only(model_type):
+        return DecoderOnlyCollator(processor, model_type, cache)
+    return NativeCollator(processor, cache)
 
 
 def native_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:

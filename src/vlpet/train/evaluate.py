@@ -53,7 +53,8 @@ def predict_task(model, loader: TaskBatchLoader, spec: TaskSpec, tokenizer, devi
     gold: dict[str, dict] = {"label_dicts": {}, "labels": {}, "refs": {}, "identifiers": {}, "logits": {},
                              "answers": {}, "img_ids": {}}
     cls_ids = class_token_ids(spec, tokenizer) if spec.classes else None
-    if cls_ids is not None:
+    prefix = None
+    if cls_ids is not None and not _decoder_only(model):  # decoder-only: no decoder start token (see below)
         start = decoder_start_token_id(model)
         prefix = [start] + classification_prefix(tokenizer, spec.classes[0])
     bar = tqdm(range(len(loader)), desc=desc or f"eval {spec.name}", disable=not progress, leave=False)
@@ -64,7 +65,7 @@ def predict_task(model, loader: TaskBatchLoader, spec: TaskSpec, tokenizer, devi
         vmask = b.get("vis_attention_mask")  # video: padded frames
         with autocast(device, precision):
             if batch.get("native"):  # a VLM read through its own inputs (vlpet.data.images)
-                _predict_native(model, b, qids, spec, tokenizer, cls_ids, prefix if cls_ids else None, preds, gold)
+                _predict_native(model, b, qids, spec, tokenizer, cls_ids, prefix, preds, gold)
             elif cls_ids is not None:
                 dec = torch.tensor([prefix] * len(qids), device=device)
                 out = model(b["input_ids"], b["attention_mask"], vis_feats=b["vis_feats"], decoder_input_ids=dec,
@@ -95,6 +96,10 @@ def predict_task(model, loader: TaskBatchLoader, spec: TaskSpec, tokenizer, devi
     return {"predictions": preds, "gold": gold}
 
 
+def _decoder_only(model) -> bool:
+    return bool(getattr(getattr(model, "arch", None), "decoder_only", False))
+
+
 def decoder_start_token_id(model) -> int:
     """The token a decoder starts from: the generation config's, else the (language model's) config's."""
     backbone = getattr(model, "backbone", model)
@@ -109,15 +114,23 @@ def decoder_start_token_id(model) -> int:
 def _predict_native(model, b, qids, spec, tokenizer, cls_ids, prefix, preds, gold) -> None:
     from ..data.images import native_inputs
 
+    from .native import decode_settings
+
     inputs = native_inputs(b)
     if cls_ids is not None:
-        dec = torch.tensor([prefix] * len(qids), device=b["input_ids"].device)
-        logits = model(**inputs, decoder_input_ids=dec, task=spec.name).logits[:, -1, cls_ids].float()
+        if _decoder_only(model):
+            # the logits after the prompt, at each class word's first answer token as the collator tokenised it
+            # after that prompt (class_token_ids: a word-initial space can change the token per family)
+            last = model(**inputs, task=spec.name).logits[:, -1].float()
+            logits = last.gather(1, b["class_token_ids"].to(last.device))
+        else:
+            dec = torch.tensor([prefix] * len(qids), device=b["input_ids"].device)
+            logits = model(**inputs, decoder_input_ids=dec, task=spec.name).logits[:, -1, cls_ids].float()
         for q, row in zip(qids, logits.tolist()):
             preds[q] = int(row[1] > row[0])  # true iff logit[true] > logit[false]
             gold["logits"][q] = row
         return
-    ids = model.generate(**inputs, task=spec.name, **spec.decode_kwargs())
+    ids = model.generate(**inputs, task=spec.name, **decode_settings(model, spec))
     for q, t in zip(qids, tokenizer.batch_decode(ids, skip_special_tokens=True)):
         preds[q] = t.strip()
 

@@ -1,10 +1,13 @@
 """`vlpet train --image-root`: the multitask recipe on a VLM that reads raw images (Florence-2, BLIP-2,
-InstructBLIP with a T5 language model), through the VLM's own processor.
+InstructBLIP with a T5 language model; the decoder-only LLaVA, Idefics3 / SmolVLM, Qwen2-VL, PaliGemma through
+:mod:`vlpet.data.decoder_prompts`), through the VLM's own processor.
 
 Everything but the inputs is the trainer of :mod:`vlpet.train.loop`: the same task sampling, batch
 sizes, optimizer, schedule, checkpoints, resume, validation, test and error handling. The frozen
 image features are cached on disk (:mod:`vlpet.data.image_cache`) when the part of the image path
 before the first trainable module is frozen; ``--no-image-cache`` runs the vision tower every step.
+Decoder-only VLMs have no cache: their vision tower runs every step (a log line says so;
+``--image-cache-dir`` is a one-line error).
 """
 
 from __future__ import annotations
@@ -50,26 +53,28 @@ def image_path_frozen(model) -> bool:
 
 
 def load_vlm(backbone: str, method, seed: int, overrides: dict | None = None):
-    """`VLModel.build` of an encoder-decoder VLM with its processor; ConfigError, before the weights are built,
-    when the backbone reads features or is a decoder-only VLM, and when it has no processor."""
+    """`VLModel.build` of a VLM (encoder-decoder or decoder-only) with its processor; ConfigError, before the
+    weights are built, when the backbone reads features or has no processor."""
+    from ..backbones.loading import BUILTIN_BACKBONES
     from ..model import VLModel
 
     config, arch = _backbone_arch(backbone)  # the config alone: wrong backbones fail before a weight is built
     if not arch.image_path:
         raise ConfigError(f"--image-root: backbone {backbone!r} reads precomputed image features (VL-BART / VL-T5); "
-                          f"raw images need a Florence-2, BLIP-2 or InstructBLIP backbone (or drop --image-root)")
-    if arch.decoder_only:
-        raise ConfigError(f"--image-root: backbone {backbone!r} is a decoder-only VLM ({config.model_type}); "
-                          f"vlpet train --image-root supports the encoder-decoder VLMs Florence-2, BLIP-2 and "
-                          f"InstructBLIP (T5 language model)")
+                          f"raw images need a VLM backbone (Florence-2, BLIP-2, InstructBLIP, LLaVA, Idefics3, "
+                          f"Qwen2-VL, PaliGemma) (or drop --image-root)")
+    if backbone in BUILTIN_BACKBONES:  # random weights, no processor: refused before a (7B) build
+        raise ConfigError(_NO_PROCESSOR.format(backbone=backbone))
     if overrides:
         method = resolve_vlm_method(backbone, method, overrides, config=config)
     model = VLModel.build(backbone, method, seed=seed)  # once: preset and overrides are resolved first
     if getattr(model, "processor", None) is None:
-        raise ConfigError(f"--backbone {backbone}: no Hugging Face processor could be loaded (a built-in random-weight "
-                          f"name has none); use a hub id or a folder that holds the processor files "
-                          f"(processor.save_pretrained)")
+        raise ConfigError(_NO_PROCESSOR.format(backbone=backbone))
     return model
+
+
+_NO_PROCESSOR = ("--backbone {backbone}: no Hugging Face processor could be loaded (a built-in random-weight name has "
+                 "none); use a hub id or a folder that holds the processor files (processor.save_pretrained)")
 
 
 def _backbone_arch(backbone: str):
@@ -100,7 +105,7 @@ def resolve_vlm_method(backbone: str, method, overrides: dict, config=None):
 def build_native(trainer) -> None:
     """Trainer._build for raw images: the VLM, its processor, image datasets, the feature cache."""
     from ..data import build_dataset
-    from ..data.images import ImageRoot, NativeCollator
+    from ..data.images import ImageRoot, make_collator
     from ..frozen_precision import apply_frozen_dtype
     from .loop import IMAGE_TASKS, seed_everything
 
@@ -115,6 +120,15 @@ def build_native(trainer) -> None:
                           "sets the image features")
     trainer.video = False
     trainer.mask_padded_frames = True
+    config, arch = _backbone_arch(cfg.backbone)  # the config alone (a meta build)
+    decoder_only = arch.decoder_only
+    if decoder_only:  # before the weights are built
+        from ..data.decoder_prompts import check_tasks
+
+        if cfg.image_cache_dir is not None:
+            raise ConfigError("--image-cache-dir: the frozen image feature cache is not offered for decoder-only VLMs "
+                              "(their vision tower runs every step); drop --image-cache-dir")
+        check_tasks(config.model_type, trainer.tasks)
     seed_everything(cfg.seed)
     model = load_vlm(cfg.backbone, cfg.method, cfg.seed, cfg.method_overrides)
     model_type = vlm_model_type(model)
@@ -136,8 +150,10 @@ def build_native(trainer) -> None:
     trainer.feat_dim = None
     cache = open_feature_cache(trainer.model, cfg.image_cache, cfg.image_cache_dir)
     if cfg.image_cache and cache is None and trainer.dist.is_main:
-        print("vlpet: image feature cache off: the method trains part of the vision path, so its features change")
-    trainer.native = NativeSetup(image_root, model_type, cache, NativeCollator(processor, cache))
+        print(f"vlpet: image feature cache off: {model_type} is a decoder-only VLM (no frozen-feature cache for "
+              f"them), its vision tower runs every step" if decoder_only else
+              "vlpet: image feature cache off: the method trains part of the vision path, so its features change")
+    trainer.native = NativeSetup(image_root, model_type, cache, make_collator(processor, model_type, cache))
     if cache is not None:
         refs = [r for ds in train_sets.values() for r in ds.image_refs()]
         _fill_cache(trainer, refs, "cache train images")
@@ -149,8 +165,8 @@ def open_feature_cache(model, enabled: bool, cache_dir=None):
     it is off or the method trains part of the image path (its features change)."""
     from ..data.image_cache import ImageFeatureCache, default_cache_dir
 
-    if not enabled or not image_path_frozen(model):
-        return None
+    if not enabled or getattr(getattr(model, "arch", None), "decoder_only", False) or not image_path_frozen(model):
+        return None  # decoder-only VLMs: no frozen-feature path (VLModel.frozen_image_features refuses them)
     return ImageFeatureCache(Path(cache_dir) if cache_dir else default_cache_dir(), model.image_features_key(),
                              model.processor)
 
@@ -223,7 +239,7 @@ def answer(checkpoint, image, question: str = "", task: str = "vqa", backbone: s
     model = _load(folder, backbone or run.get("backbone"), dev)
     if not getattr(model, "native_inputs", False):
         raise ConfigError(f"--image: {folder} tunes a backbone that reads precomputed features (VL-BART / VL-T5); "
-                          f"use --data-root with feature files, or a Florence-2 / BLIP-2 / InstructBLIP run")
+                          f"use --data-root with feature files, or a run of a VLM that reads images")
     processor = model.processor
     if processor is None:
         raise ConfigError(f"{folder}: no processor for backbone {backbone or run.get('backbone')!r}; pass --backbone "
@@ -231,12 +247,22 @@ def answer(checkpoint, image, question: str = "", task: str = "vqa", backbone: s
     inputs = {k: v.to(dev) for k, v in predict_inputs(processor, vlm_model_type(model), task, ref, question).items()}
     spec = get_task_spec(task, caption_no_repeat_ngram_size=run.get("caption_no_repeat_ngram_size", 0))
     with torch.no_grad(), autocast(dev, precision):
-        ids = model.generate(**inputs, task=task, **spec.decode_kwargs())
+        ids = model.generate(**inputs, task=task, **decode_settings(model, spec))
     return processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
 
 
 def predict_inputs(processor, model_type: str, task: str, ref, question: str = "") -> dict:
     """The VLM inputs of one image + question, through the training collator (same prompt, same Q-Former text)."""
-    from ..data.images import NativeCollator, native_inputs, question_example
+    from ..data.images import make_collator, native_inputs, question_example
 
-    return native_inputs(NativeCollator(processor)([question_example(model_type, task, ref, question.strip())]))
+    return native_inputs(make_collator(processor, model_type)([question_example(model_type, task, ref,
+                                                                                question.strip())]))
+
+
+def decode_settings(model, spec) -> dict:
+    """The task's generation settings for this model (a decoder-only VLM counts max_length in new tokens)."""
+    if getattr(getattr(model, "arch", None), "decoder_only", False):
+        from ..data.decoder_prompts import generation_settings
+
+        return generation_settings(spec.decode_kwargs())
+    return spec.decode_kwargs()

@@ -78,18 +78,18 @@ def _native_kwargs(model, run: dict, image_root, image_cache: bool | None, dev, 
             raise ConfigError("--image-root: this adapter tunes a backbone that reads precomputed features "
                               "(VL-BART / VL-T5); drop --image-root")
         return {}
-    from ..data.images import ImageRoot, NativeCollator
+    from ..data.images import ImageRoot, make_collator
     from .native import cache_prepare, open_feature_cache, vlm_model_type
 
     image_root = image_root or run.get("image_root")
     if not image_root:
-        raise ConfigError("--image-root: required for a VLM adapter (Florence-2 / BLIP-2 / InstructBLIP read images)")
+        raise ConfigError("--image-root: required for a VLM adapter (the VLM reads images)")
     if model.processor is None:
         raise ConfigError("the VLM has no processor here; pass --backbone with a folder or hub id that holds one")
     use_cache = run.get("image_cache", True) if image_cache is None else image_cache
     cache = open_feature_cache(model, use_cache, run.get("image_cache_dir"))
     return {"image_root": ImageRoot(image_root), "model_type": vlm_model_type(model),
-            "collate_fn": NativeCollator(model.processor, cache), "prepare": cache_prepare(cache, model, dev, progress)}
+            "collate_fn": make_collator(model.processor, vlm_model_type(model), cache), "prepare": cache_prepare(cache, model, dev, progress)}
 
 
 def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbone=None, batch_size=100,
