@@ -260,12 +260,18 @@ def measure(method, kind, name, device, dtype, b, size, steps, warmup):
             "trainable": trainable, "total": total, "percent": round(100 * trainable / total, 4)}
 
 
+def _commit() -> str:
+    import _bench
+
+    return _bench.git_commit()  # VLPET_COMMIT first (the GPU machine's copy has stale git metadata)
+
+
 def run(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float32 if args.tiny and device.type == "cpu" else torch.bfloat16
     data = {"benchmark": "vlm_train_step", "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else "cpu", "torch": torch.__version__, "dtype": str(dtype), "text_len": TEXT_LEN, "target_len": TARGET_LEN,
-            "tiny": args.tiny, "results": {}, "ratios": {}, "errors": {}}
+            "tiny": args.tiny, "commit": _commit(), "results": {}, "ratios": {}, "errors": {}}
     from vlpet.backbones.loading import load_backbone
 
     for name in args.backbones:
