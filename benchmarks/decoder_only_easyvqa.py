@@ -77,6 +77,7 @@ class Settings:
     s1_steps: int = 400
     s1_batch: int = 32
     s1_lr: float = 1e-3
+    s1_train_lm: bool = True  # see build_vlm: a frozen tiny LM left the tower blind
     # tuning
     steps: int = 300
     batch: int = 32
@@ -203,40 +204,37 @@ def _lr_at(step, total, peak, warmup=30):
     return peak * min(1.0, (step + 1) / warmup) * max(0.1, 1 - step / max(1, total))
 
 
-def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
-    """The pretrained tiny LLaVA folder (cached) and its build log."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+LM_KEYS = ("vocab_size", "english_max_chars", "width", "layers", "heads", "ffn", "lm_steps", "lm_batch", "lm_seq",
+           "lm_lr", "seed")
+VISION_KEYS = ("n_train_images", "n_test_images", "questions_per_image", "image_size", "patch", "v_width", "v_layers",
+               "v_heads", "v_ffn", "s1_steps", "s1_batch", "s1_lr", "s1_train_lm")
+
+
+def build_lm(cache: Path, s: Settings) -> tuple[Path, dict]:
+    """Stage a (cached): the demo tokenizer and a Llama pretrained with the causal LM objective on the demo text."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from vlpet.demo.pretrain import DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, _load_corpus, _tokenizer_for
+    from vlpet.train.optim import build_optimizer
 
-    keys = ["n_train_images", "n_test_images", "questions_per_image", "vocab_size", "english_max_chars", "width",
-            "layers", "heads", "ffn", "lm_steps", "lm_batch", "lm_seq", "lm_lr", "image_size", "patch", "v_width",
-            "v_layers", "v_heads", "v_ffn", "s1_steps", "s1_batch", "s1_lr", "seed"]
-    key = _digest([CODE_VERSION, {k: getattr(s, k) for k in keys}, platform.python_version(), sys.base_prefix])
-    folder = cache / f"decoder-only-vlm-{key}"
-    if (folder / "build_log.json").is_file():
-        say(f"[vlm] reusing {folder}")
-        return folder, json.loads((folder / "build_log.json").read_text())
-    tmp = cache / f".decoder-only-vlm-{key}.tmp{os.getpid()}"
+    key = _digest([CODE_VERSION, {k: getattr(s, k) for k in LM_KEYS}, platform.python_version(), sys.base_prefix])
+    folder = cache / f"decoder-only-lm-{key}"
+    if (folder / "lm_log.json").is_file():
+        say(f"[lm] reusing {folder}")
+        return folder, json.loads((folder / "lm_log.json").read_text())
+    tmp = cache / f".decoder-only-lm-{key}.tmp{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    log: dict = {"note": "a TINY LLaVA built by benchmarks/decoder_only_easyvqa.py: Llama LM pretrained on ~1 MB of "
-                         "offline text, CLIP-ViT tower trained from scratch on easy-VQA train captions; not a real VLM"}
-    _seed_all(s.seed)
+    log: dict = {}
     t0 = time.perf_counter()
     corpus = _load_corpus(cache, s.english_max_chars, say)
     tcfg = {**DEFAULT_TRAIN_CONFIG, "vocab_size": s.vocab_size, "english_max_chars": s.english_max_chars}
     tok, _, _ = _tokenizer_for(corpus, DEFAULT_MODEL_CONFIG, tcfg, tmp)
-    vocab = len(tok) + 1  # + the image token
-    image_token = len(tok)
-
-    # -- a. the LM: causal LM on the demo text
     _seed_all(s.seed)
-    lcfg = dict(vocab_size=vocab, hidden_size=s.width, intermediate_size=s.ffn, num_hidden_layers=s.layers,
+    lcfg = dict(vocab_size=len(tok) + 1, hidden_size=s.width, intermediate_size=s.ffn, num_hidden_layers=s.layers,
                 num_attention_heads=s.heads, num_key_value_heads=s.heads, max_position_embeddings=128,
-                pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False)
+                pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False)  # + the image token
     lm = LlamaForCausalLM(LlamaConfig(**lcfg))
     next_batch, heldout = _lm_batches(tok, corpus, s)
-    from vlpet.train.optim import build_optimizer
 
     def heldout_loss(m):
         m.eval()
@@ -259,12 +257,49 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
         opt.zero_grad(set_to_none=True)
         curve.append(loss.item())
         if step % 100 == 0 or step == s.lm_steps - 1:
-            say(f"[vlm] LM step {step + 1}/{s.lm_steps} loss {np.mean(curve[-50:]):.3f} {time.perf_counter() - t0:.0f}s")
+            say(f"[lm] step {step + 1}/{s.lm_steps} loss {np.mean(curve[-50:]):.3f} {time.perf_counter() - t0:.0f}s")
     log["lm_heldout_english_loss_after"] = heldout_loss(lm)
     log["lm_train_loss_last50"] = float(np.mean(curve[-50:]))
     log["lm_time_s"] = round(time.perf_counter() - t0, 1)
+    log["lm_config"] = lcfg
+    lm.save_pretrained(tmp)
+    (tmp / "lm_log.json").write_text(json.dumps(log, indent=1))
+    _replace(tmp, folder)
+    return folder, log
 
-    # -- b. the LLaVA around it; stage 1: vision tower + projector caption the train images, LM frozen
+
+def _replace(tmp: Path, folder: Path) -> None:
+    import shutil
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
+    """The pretrained tiny LLaVA folder (cached) and its build log."""
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+
+    lm_folder, lm_log = build_lm(cache, s)
+    key = _digest([CODE_VERSION, lm_folder.name, {k: getattr(s, k) for k in VISION_KEYS}])
+    folder = cache / f"decoder-only-vlm-{key}"
+    if (folder / "build_log.json").is_file():
+        say(f"[vlm] reusing {folder}")
+        return folder, json.loads((folder / "build_log.json").read_text())
+    tmp = cache / f".decoder-only-vlm-{key}.tmp{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    log: dict = {"note": "a TINY LLaVA built by benchmarks/decoder_only_easyvqa.py: Llama LM pretrained on ~1 MB of "
+                         "offline text, CLIP-ViT tower trained from scratch on easy-VQA train captions; not a real VLM",
+                 **{k: v for k, v in lm_log.items() if k != "lm_config"}}
+    tok = AutoTokenizer.from_pretrained(lm_folder)
+    tok.save_pretrained(tmp)
+    lm = LlamaForCausalLM.from_pretrained(lm_folder)
+    lcfg = lm_log["lm_config"]
+    image_token = len(tok)
+
+    # -- b. the LLaVA around it; stage 1: vision tower + projector (+ the LM unless s1_train_lm is off) caption
+    # the train images
+    t1 = time.perf_counter()
     _seed_all(s.seed)
     vcfg = CLIPVisionConfig(hidden_size=s.v_width, intermediate_size=s.v_ffn, num_hidden_layers=s.v_layers,
                             num_attention_heads=s.v_heads, image_size=s.image_size, patch_size=s.patch,
@@ -275,10 +310,11 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
     vlm = LlavaForConditionalGeneration(cfg)
     vlm.model.language_model.load_state_dict(lm.model.state_dict())
     vlm.lm_head.load_state_dict(lm.lm_head.state_dict())
-    for p in vlm.model.language_model.parameters():
-        p.requires_grad_(False)
-    for p in vlm.lm_head.parameters():
-        p.requires_grad_(False)
+    if not s.s1_train_lm:  # LLaVA's stage 1 proper: only the new vision parts learn
+        for p in vlm.model.language_model.parameters():
+            p.requires_grad_(False)
+        for p in vlm.lm_head.parameters():
+            p.requires_grad_(False)
     n_img = (s.image_size // s.patch) ** 2
     pixels = data["pixels"]
 
@@ -304,12 +340,12 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
         vlm.train()
         return out
 
-    held = data["heldout_captions"][:200]
+    held = data["heldout_captions"][:128]
     log["stage1_heldout_caption_loss_before"] = caption_loss(held)
     trainable = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=s.s1_lr, weight_decay=0.01)
     rng = random.Random(f"{s.seed}-stage1")
-    curve, t1 = [], time.perf_counter()
+    curve = []
     for step in range(s.s1_steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, s.s1_steps, s.s1_lr)
@@ -320,8 +356,9 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         curve.append(loss.item())
-        if step % 50 == 0 or step == s.s1_steps - 1:
-            say(f"[vlm] stage 1 step {step + 1}/{s.s1_steps} caption loss {np.mean(curve[-50:]):.3f} "
+        if step % 100 == 99 or step == s.s1_steps - 1:
+            say(f"[vlm] stage 1 step {step + 1}/{s.s1_steps} caption loss {np.mean(curve[-50:]):.3f}, held-out "
+                f"{caption_loss(held):.3f} (images shuffled: {caption_loss(held, shuffle=True):.3f}) "
                 f"{time.perf_counter() - t1:.0f}s")
     log["stage1_heldout_caption_loss_after"] = caption_loss(held)
     log["stage1_heldout_caption_loss_after_shuffled_images"] = caption_loss(held, shuffle=True)
@@ -334,11 +371,7 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
     vlm.config.vlpet_note = log["note"]
     vlm.save_pretrained(tmp)
     (tmp / "build_log.json").write_text(json.dumps(log, indent=1))
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    _replace(tmp, folder)
     say(f"[vlm] saved {folder}: " + ", ".join(f"{k} {v:.3f}" for k, v in log.items() if isinstance(v, float)))
     return folder, log
 
