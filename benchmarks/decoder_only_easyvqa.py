@@ -74,12 +74,12 @@ class Settings:
     v_layers: int = 2
     v_heads: int = 4
     v_ffn: int = 256
-    s1_steps: int = 400
+    s1_steps: int = 1200
     s1_batch: int = 32
     s1_lr: float = 1e-3
     s1_train_lm: bool = True  # see build_vlm: a frozen tiny LM left the tower blind
     # tuning
-    steps: int = 300
+    steps: int = 1000
     batch: int = 32
     lr_pet: float = 1e-3
     lr_full: float = 1e-4
@@ -356,7 +356,7 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         curve.append(loss.item())
-        if step % 100 == 99 or step == s.s1_steps - 1:
+        if step % 200 == 199 or step == s.s1_steps - 1:
             say(f"[vlm] stage 1 step {step + 1}/{s.s1_steps} caption loss {np.mean(curve[-50:]):.3f}, held-out "
                 f"{caption_loss(held):.3f} (images shuffled: {caption_loss(held, shuffle=True):.3f}) "
                 f"{time.perf_counter() - t1:.0f}s")
