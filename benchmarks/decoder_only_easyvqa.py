@@ -17,7 +17,8 @@ One command, everything seeded (seed 0), on the CPU:
    learning rate 1e-3 for the PET methods, 1e-4 for full fine-tuning, the VL-Adapter paper's ratio) through
    vlpet's API (`VLModel(hf_llava, decoder_preset(...), native_inputs=True)`, its forward with `labels=`,
    its `generate`), vision tower frozen, and scored with `vlpet.metrics.vqa_accuracy` on test questions of
-   held-out easy-VQA test images; plus the frozen model with no tuning (zero-shot) as a floor; plus
+   held-out easy-VQA test images; plus the frozen model with no tuning (zero-shot) as a floor, the majority
+   train answer per question template (what the question alone gives, no model); plus
    vl-pet-large with the value adapter on "all" positions against the default "prefix", over extra seeds.
 
 Prints a Markdown table and writes JSON to OUT/decoder_only_easyvqa-cpu-<date>-<commit>.json (default OUT:
@@ -106,6 +107,7 @@ ROWS = (
     ("full", "full", None),
 )
 ZERO_SHOT = "zero-shot (no tuning)"
+TEXT_PRIOR = "text-only prior (no model)"
 
 PAD, BOS, EOS = 1, 0, 2  # the demo tokenizer's ids (vlpet.demo.pretrain.SPECIAL_TOKENS)
 
@@ -418,6 +420,26 @@ def evaluate(model, tok, data, s, n_img, image_token) -> dict:
             "examples": dict(list(preds.items())[:5])}
 
 
+def text_prior(data) -> dict:
+    """VQA accuracy of the majority train answer per question template (colour and shape words blanked): what
+    a model that reads the question but never the image can reach (no model is involved)."""
+    from collections import Counter
+
+    from vlpet.demo.facts import question_template
+    from vlpet.metrics import vqa_accuracy
+
+    by_t: dict = {}
+    for r in data["train"]:
+        by_t.setdefault(question_template(r["q"]), Counter())[r["a"]] += 1
+    overall = Counter(r["a"] for r in data["train"]).most_common(1)[0][0]
+    preds = {r["qid"]: (by_t[t].most_common(1)[0][0] if (t := question_template(r["q"])) in by_t else overall)
+             for r in data["test"]}
+    res = vqa_accuracy(preds, {r["qid"]: [r["a"]] * 10 for r in data["test"]},
+                       answer_types={r["qid"]: r["atype"] for r in data["test"]})
+    return {"overall": res["overall"], "yes/no": res["per_answer_type"].get("yes/no", float("nan")),
+            "other": res["per_answer_type"].get("other", float("nan")), "n": res["n"]}
+
+
 def run_row(folder, tok, data, s, log, name, preset, positions, seed, steps) -> dict:
     from transformers import LlavaForConditionalGeneration
 
@@ -534,6 +556,9 @@ def main(argv: list[str] | None = None) -> dict:
     if tok is None:
         raise RuntimeError(f"{folder}: no tokenizer saved")
     rows = [run_row(folder, tok, data, s, log, ZERO_SHOT, "full", None, s.seed, 0)]
+    # the floor a question-only model reaches (easy-VQA's yes/no answers follow the template)
+    rows.append({"row": TEXT_PRIOR, "preset": None, "value_positions": None, "seed": s.seed, "steps": 0,
+                 "params_pct": 0.0, "vqa": text_prior(data)})
     for name, preset, pos in ROWS:
         rows.append(run_row(folder, tok, data, s, log, name, preset, pos, s.seed, s.steps))
     for seed in s.extra_seeds:
