@@ -143,6 +143,27 @@ def test_prompt_and_labels_token_by_token(family, fx, request):
             assert batch["pixel_values"].shape[0] == 16 * 3 * n_images
             if "mm_token_type_ids" in want:  # transformers 5's M-RoPE input: exactly the image tokens are marked
                 assert torch.equal(batch["mm_token_type_ids"] != 0, ids == image_id)
+            # vl-pet-large starts as the plain model (its gates at 1): the answer logits equal the plain Hugging
+            # Face model's fed as its docs say (processor output, the answer appended as text tokens, no image)
+            _assert_plain_qwen2_vl_logits(request.getfixturevalue("qwen2_vl_dir"), batch, out.logits)
+
+
+def _assert_plain_qwen2_vl_logits(folder, batch, logits):
+    import transformers
+
+    hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
+    labels = batch["target_ids"]
+    known = labels[:, :-1] != -100
+    answer = labels[:, :-1].masked_fill(~known, hf.config.text_config.pad_token_id)
+    kw = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
+    if "mm_token_type_ids" in batch:  # text (0) for the answer tokens
+        kw["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(answer)], 1)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.cat([batch["input_ids"], answer], 1),
+                 attention_mask=torch.cat([batch["attention_mask"], known.long()], 1), **kw).logits
+    ref = ref[:, batch["input_ids"].shape[1] - 1:]
+    keep = labels != -100  # the positions that predict an answer token (the rest read padding)
+    torch.testing.assert_close(logits[keep], ref[keep], rtol=1e-5, atol=1e-5)
 
 
 def test_long_answers_keep_the_eos(models, fx):
