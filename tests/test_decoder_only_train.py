@@ -2,7 +2,9 @@
 prompts and labels token by token against the family's own processor, the run end to end (loss falls, the vision
 tower runs every step, resume is exact, NLVR2 evaluation reads the first answer token), one-line errors. Tiny
 random LLaVA (no chat template: vlpet's "USER: <image>\\n... ASSISTANT:") and Idefics3 (a SmolVLM chat template)
-with real processors, saved to a folder and loaded back through the public path."""
+with real processors, saved to a folder and loaded back through the public path. Qwen2-VL (a Qwen2-VL chat
+template, M-RoPE inputs) too where torchvision is installed (its processor's video half needs it): those cases
+skip elsewhere."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 
 import pytest
 import torch
-from decoder_only_fixtures import make_tiny_idefics3, make_tiny_llava, make_tiny_paligemma
+from decoder_only_fixtures import make_tiny_idefics3, make_tiny_llava, make_tiny_paligemma, make_tiny_qwen2_vl
 
 from vlpet.cli import main
 from vlpet.data import build_dataset, make_image_fixture, open_image
@@ -20,17 +22,24 @@ from vlpet.model import VLModel
 
 FAMILIES = ("llava", "idefics3")  # trained end to end
 COLLATE_FAMILIES = FAMILIES + ("paligemma",)
-TOKENS_PER_IMAGE = {"llava": 16, "idefics3": 4, "paligemma": 16}  # 32 px / patch 8 (CLS dropped); shuffle x2
+# 32 px / patch 8 (CLS dropped); pixel shuffle x2; Qwen2-VL's 2 x 2 patch merger
+TOKENS_PER_IMAGE = {"llava": 16, "idefics3": 4, "paligemma": 16, "qwen2_vl": 4}
+IMAGE_TOKEN = {"llava": "<image>", "idefics3": "<image>", "paligemma": "<image>", "qwen2_vl": "<|image_pad|>"}
+# one image in a hand-written prompt, before the processor expands it
+IMAGE_TEXT = {**IMAGE_TOKEN, "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
 # the prompt a user of each family writes by hand (LLaVA-1.5's format; SmolVLM's chat format; PaliGemma's
 # image tokens first, its processor adding BOS and "\n")
 PROMPT = {"llava": "USER: {images}\n{text} ASSISTANT:",
           "idefics3": "<|im_start|>User:{images}{text}<end_of_utterance>\nAssistant:",
-          "paligemma": "{images}{text}"}
+          "paligemma": "{images}{text}",
+          "qwen2_vl": "<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n"}  # Qwen2-VL-Instruct's
 _TEXT = {"vqa": "{sent}", "caption": "A short image caption:",
          "nlvr": "Is this statement about the two images true or false? {sent}"}
-TEXT = {"llava": _TEXT, "idefics3": _TEXT, "paligemma": {"vqa": "answer en {sent}", "caption": "caption en"}}
+TEXT = {"llava": _TEXT, "idefics3": _TEXT, "qwen2_vl": _TEXT,
+        "paligemma": {"vqa": "answer en {sent}", "caption": "caption en"}}
 _TWO = (("vqa", 1), ("caption", 1), ("nlvr", 2))
-TASK_IMAGES = {"llava": _TWO, "idefics3": _TWO, "paligemma": _TWO[:2]}  # PaliGemma: one image per prompt
+TASK_IMAGES = {"llava": _TWO, "idefics3": _TWO, "qwen2_vl": _TWO, "paligemma": _TWO[:2]}  # PaliGemma: one image
+ANSWER_SEP = {"llava": " ", "idefics3": " ", "paligemma": "", "qwen2_vl": ""}  # Qwen: the answer after "assistant\n"
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +59,24 @@ def models(dirs):
     return {f: VLModel.build(str(d), "vl-pet-large").eval() for f, d in dirs.items()}
 
 
+@pytest.fixture(scope="module")
+def qwen2_vl_dir(tmp_path_factory):
+    pytest.importorskip("torchvision")  # Qwen2VLProcessor's video processor
+    return make_tiny_qwen2_vl(tmp_path_factory.mktemp("decoder_vlms") / "qwen2_vl")
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_model(qwen2_vl_dir):
+    return VLModel.build(str(qwen2_vl_dir), "vl-pet-large").eval()
+
+
+def _model_of(family, request):
+    """The built model of a family; Qwen2-VL's only when torchvision is there (else the test skips)."""
+    if family == "qwen2_vl":
+        return request.getfixturevalue("qwen2_vl_model")
+    return request.getfixturevalue("models")[family]
+
+
 def _batch(model, family, fx, task, n=3, split="train"):
     ds = build_dataset(task, split, fx.data.root, model.tokenizer, image_root=fx.image_root, model_type=family)
     examples = [ds.get_example(i, epoch=0) for i in range(n)]
@@ -58,19 +85,20 @@ def _batch(model, family, fx, task, n=3, split="train"):
 
 # -- the collator ------------------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # in PaliGemma's processor
-@pytest.mark.parametrize("family", COLLATE_FAMILIES)
-def test_prompt_and_labels_token_by_token(family, models, fx):
-    model = models[family]
+@pytest.mark.parametrize("family", COLLATE_FAMILIES + ("qwen2_vl",))
+def test_prompt_and_labels_token_by_token(family, fx, request):
+    model = _model_of(family, request)
     proc, tok = model.processor, model.tokenizer
-    image_id = tok.convert_tokens_to_ids("<image>")
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN[family])
+    assert image_id != tok.unk_token_id
     for task, n_images in TASK_IMAGES[family]:
         examples, batch = _batch(model, family, fx, task)
         images = [[open_image(ImageRef((p,))) for p in e["image"].paths] for e in examples]
         assert [len(i) for i in images] == [n_images] * 3
         text = TEXT[family][task]
-        prompts = [PROMPT[family].format(images="<image>" * n_images, text=text.format(sent=e["sent"]))
+        prompts = [PROMPT[family].format(images=IMAGE_TEXT[family] * n_images, text=text.format(sent=e["sent"]))
                    for e in examples]
-        if family == "idefics3":  # the processor's own chat template renders the same prompt
+        if family in ("idefics3", "qwen2_vl"):  # the processor's own chat template renders the same prompt
             assert prompts[0] == proc.apply_chat_template(
                 [{"role": "user", "content": [{"type": "image"}] * n_images +
                   [{"type": "text", "text": text.format(sent=examples[0]["sent"])}]}],
@@ -96,7 +124,7 @@ def test_prompt_and_labels_token_by_token(family, models, fx):
         assert ((ids == image_id).sum(1) == n_images * TOKENS_PER_IMAGE[family]).all()
         # labels: exactly the answer as it follows the prompt (" yes" after "ASSISTANT:", one BPE token with its
         # space; "yes" after PaliGemma's "\n") + EOS; an example without answers (the fixture has some) trains on EOS
-        sep = "" if family == "paligemma" else " "
+        sep = ANSWER_SEP[family]
         for row, e in zip(batch["target_ids"], examples):
             answer = tok(sep + e["target_text"], add_special_tokens=False)["input_ids"] if e["target_text"] else []
             assert row.tolist() == answer + [tok.eos_token_id] + [-100] * (len(row) - len(answer) - 1), task
@@ -110,6 +138,32 @@ def test_prompt_and_labels_token_by_token(family, models, fx):
             new = model.generate(**native_inputs(batch), max_new_tokens=2)
         assert out.logits.shape[:2] == batch["target_ids"].shape and torch.isfinite(out.loss)
         assert new.shape == (3, 2)
+        if family == "qwen2_vl":  # each 32 px image: one frame of 4 x 4 patches (8 px), merged 2 x 2 into 4 tokens
+            assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * (3 * n_images)
+            assert batch["pixel_values"].shape[0] == 16 * 3 * n_images
+            if "mm_token_type_ids" in want:  # transformers 5's M-RoPE input: exactly the image tokens are marked
+                assert torch.equal(batch["mm_token_type_ids"] != 0, ids == image_id)
+            # vl-pet-large starts as the plain model (its gates at 1): the answer logits equal the plain Hugging
+            # Face model's fed as its docs say (processor output, the answer appended as text tokens, no image)
+            _assert_plain_qwen2_vl_logits(request.getfixturevalue("qwen2_vl_dir"), batch, out.logits)
+
+
+def _assert_plain_qwen2_vl_logits(folder, batch, logits):
+    import transformers
+
+    hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
+    labels = batch["target_ids"]
+    known = labels[:, :-1] != -100
+    answer = labels[:, :-1].masked_fill(~known, hf.config.text_config.pad_token_id)
+    kw = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
+    if "mm_token_type_ids" in batch:  # text (0) for the answer tokens
+        kw["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(answer)], 1)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.cat([batch["input_ids"], answer], 1),
+                 attention_mask=torch.cat([batch["attention_mask"], known.long()], 1), **kw).logits
+    ref = ref[:, batch["input_ids"].shape[1] - 1:]
+    keep = labels != -100  # the positions that predict an answer token (the rest read padding)
+    torch.testing.assert_close(logits[keep], ref[keep], rtol=1e-5, atol=1e-5)
 
 
 def test_long_answers_keep_the_eos(models, fx):
@@ -233,6 +287,39 @@ def test_train_idefics3_loss_falls(dirs, fx, tmp_path, capsys):
     assert "decoder-only VLM" in capsys.readouterr().out  # the cache-off line says why
     _assert_loss_falls(steps)
     assert all(n_img == n * (2 if task == "nlvr" else 1) for task, n_img, n, _, _ in steps)
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_run(qwen2_vl_dir, fx, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen2_vl_run") / "run"
+    # the patch embedding is called with the flat patches: 16 rows (4 x 4 patches) per 32 px image
+    return out, _train_recording(qwen2_vl_dir, fx, out, "PatchEmbed")
+
+
+def test_train_qwen2_vl_loss_falls(qwen2_vl_run):
+    out, steps = qwen2_vl_run
+    assert (out / "adapter-last" / "adapter_model.safetensors").exists()
+    _assert_loss_falls(steps)
+    # every step's images through the vision tower (NLVR2's two per example, not pasted)
+    assert len(steps) == 18 and all(rows == 16 * n * (2 if task == "nlvr" else 1) for task, rows, n, _, _ in steps)
+
+
+def test_predict_image_answers_with_the_trained_qwen2_vl(qwen2_vl_run, fx, capsys):
+    # `vlpet predict --image` = generate from the Qwen2-VL chat prompt the processor lays out (image grid, M-RoPE)
+    out, _ = qwen2_vl_run
+    image = next(p for (s, _), p in fx.files.items() if s == "COCO")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(out), "--image", str(image), "--question", "what color is it?",
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    model = VLModel.from_pretrained(out / "adapter-last").eval()
+    model.tokenizer.padding_side = "left"
+    prompt = PROMPT["qwen2_vl"].format(images=IMAGE_TEXT["qwen2_vl"], text="what color is it?")
+    enc = model.processor(images=[open_image(ImageRef((str(image),)))], text=[prompt], return_tensors="pt")
+    assert (enc["input_ids"] == model.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 4
+    ids = model.generate(**native_inputs(enc), num_beams=1, do_sample=False, max_new_tokens=10)
+    want = model.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    assert printed == want and printed  # the trained model says something
 
 
 def test_predict_a_split_of_a_llava_run(llava_run, fx, tmp_path):
