@@ -152,12 +152,7 @@ class DecoderOnlyCollator(NativeCollator):
         return list(ids) + [tok.eos_token_id]
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        if not examples:
-            raise ValueError("an empty batch")
-        tasks = {e["task"] for e in examples}
-        if len(tasks) != 1:
-            raise ValueError(f"a batch mixes tasks {sorted(tasks)}")
-        task = examples[0]["task"]
+        task = self._one_task(examples)
         images = [self._images(e["image"]) for e in examples]
         prompts = [render_prompt(self.processor, self.model_type, e["text"], len(im))
                    for e, im in zip(examples, images)]

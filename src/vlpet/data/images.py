@@ -311,13 +311,18 @@ class NativeCollator:
                 self._blank, self._no_pixel_work = Image.new("RGB", (int(w), int(h))), {}
         return dict(self.processor(images=[self._blank] * n, **kw, **self._no_pixel_work))
 
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    @staticmethod
+    def _one_task(examples: Sequence[Mapping[str, Any]]) -> str:
+        """The task of a batch; a batch must be non-empty and of one task (the loader never mixes them)."""
         if not examples:
             raise ValueError("an empty batch")
         tasks = {e["task"] for e in examples}
         if len(tasks) != 1:
             raise ValueError(f"a batch mixes tasks {sorted(tasks)}")
-        task = examples[0]["task"]
+        return examples[0]["task"]
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        self._one_task(examples)
         texts = [e["text"] for e in examples]
         refs = [e["image"] for e in examples]
         kw: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
