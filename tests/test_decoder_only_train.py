@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 from decoder_only_fixtures import make_tiny_idefics3, make_tiny_llava, make_tiny_paligemma, make_tiny_qwen2_vl
+from vlm_fixtures import VisionCalls
 
 from vlpet.cli import main
 from vlpet.data import build_dataset, make_image_fixture, open_image
@@ -218,30 +219,12 @@ def _train(folder, fx, out, *extra):
                  "--epochs", "3", "--limit-train", "6", "--no-eval", "--no-test", "--save-every-steps", "5", *extra])
 
 
-class VisionImages:
-    """Images through the vision tower (a class name), counted by a global forward hook."""
-
-    def __init__(self, class_name):
-        self.class_name, self.images = class_name, 0
-
-    def __enter__(self):
-        def hook(module, args, output):
-            if type(module).__name__ == self.class_name:
-                self.images += int(args[0].shape[0])
-
-        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 def _train_recording(folder, fx, out, vision_class):
     """`vlpet train` with every step's (task, images through the vision tower, examples, loss, epoch) recorded."""
     from vlpet.train.loop import Trainer
 
     steps, original = [], Trainer._train_micro_step
-    with VisionImages(vision_class) as calls:
+    with VisionCalls(vision_class) as calls:
         def step(self, batch):
             before = calls.images
             value = original(self, batch)
@@ -304,9 +287,10 @@ def test_train_qwen2_vl_loss_falls(qwen2_vl_run):
     assert len(steps) == 18 and all(rows == 16 * n * (2 if task == "nlvr" else 1) for task, rows, n, _, _ in steps)
 
 
-def test_predict_image_answers_with_the_trained_qwen2_vl(qwen2_vl_run, fx, capsys):
-    # `vlpet predict --image` = generate from the Qwen2-VL chat prompt the processor lays out (image grid, M-RoPE)
-    out, _ = qwen2_vl_run
+def _predict_image(out, fx, capsys, prompt):
+    """`vlpet predict --image` of the run ``out`` with "what color is it?" on a COCO image: (the line it printed,
+    what the saved model generates greedily from ``prompt`` laid out by its own processor, that encoding, the
+    model)."""
     image = next(p for (s, _), p in fx.files.items() if s == "COCO")
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(out), "--image", str(image), "--question", "what color is it?",
@@ -314,11 +298,17 @@ def test_predict_image_answers_with_the_trained_qwen2_vl(qwen2_vl_run, fx, capsy
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     model = VLModel.from_pretrained(out / "adapter-last").eval()
     model.tokenizer.padding_side = "left"
-    prompt = PROMPT["qwen2_vl"].format(images=IMAGE_TEXT["qwen2_vl"], text="what color is it?")
     enc = model.processor(images=[open_image(ImageRef((str(image),)))], text=[prompt], return_tensors="pt")
-    assert (enc["input_ids"] == model.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 4
     ids = model.generate(**native_inputs(enc), num_beams=1, do_sample=False, max_new_tokens=10)
-    want = model.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    return printed, model.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip(), enc, model
+
+
+def test_predict_image_answers_with_the_trained_qwen2_vl(qwen2_vl_run, fx, capsys):
+    # `vlpet predict --image` = generate from the Qwen2-VL chat prompt the processor lays out (image grid, M-RoPE)
+    out, _ = qwen2_vl_run
+    prompt = PROMPT["qwen2_vl"].format(images=IMAGE_TEXT["qwen2_vl"], text="what color is it?")
+    printed, want, enc, model = _predict_image(out, fx, capsys, prompt)
+    assert (enc["input_ids"] == model.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 4
     assert printed == want and printed  # the trained model says something
 
 
@@ -361,17 +351,7 @@ def test_resume_continues_exactly(llava_run, dirs, fx, tmp_path):
 
 def test_predict_image_answers_with_the_trained_llava(llava_run, fx, capsys):
     out, _ = llava_run
-    image = next(p for (s, _), p in fx.files.items() if s == "COCO")
-    capsys.readouterr()
-    assert main(["predict", "--checkpoint", str(out), "--image", str(image), "--question", "what color is it?",
-                 "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out.strip().splitlines()[-1]
-    model = VLModel.from_pretrained(out / "adapter-last").eval()
-    model.tokenizer.padding_side = "left"
-    enc = model.processor(images=[open_image(ImageRef((str(image),)))],
-                          text=["USER: <image>\nwhat color is it? ASSISTANT:"], return_tensors="pt")
-    ids = model.generate(**dict(enc), num_beams=1, do_sample=False, max_new_tokens=10)
-    want = model.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    printed, want, _, _ = _predict_image(out, fx, capsys, "USER: <image>\nwhat color is it? ASSISTANT:")
     assert printed == want and printed  # the trained model says something
 
 

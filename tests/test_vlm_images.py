@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from vlm_fixtures import make_tiny_blip2, make_tiny_florence2, make_tiny_instructblip
+from vlm_fixtures import VisionCalls, make_tiny_blip2, make_tiny_florence2, make_tiny_instructblip
 
 from vlpet.cli import main
 from vlpet.data import (DataError, ImageFeatureCache, NativeCollator, TaskBatchLoader, build_dataset,
@@ -38,24 +38,6 @@ def fx(tmp_path_factory):
 def florence(florence_dir):
     torch.manual_seed(0)
     return VLModel.build(str(florence_dir), "vl-pet-large").eval()
-
-
-class VisionCalls:
-    """Images through a vision tower (any module whose class name is given), counted by a global forward hook."""
-
-    def __init__(self, class_name: str):
-        self.class_name, self.images = class_name, 0
-
-    def __enter__(self):
-        def hook(module, args, output):
-            if type(module).__name__ == self.class_name:
-                self.images += int(args[0].shape[0])
-
-        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 # -- the fixture ---------------------------------------------------------------------------------------

@@ -25,6 +25,25 @@ def _seeded(model_cls, cfg, seed: int):
     return model
 
 
+class VisionCalls:
+    """Images through a vision tower (the modules of one class name; the batch size of their first positional
+    argument), counted by a global forward hook while the ``with`` block runs."""
+
+    def __init__(self, class_name: str):
+        self.class_name, self.images = class_name, 0
+
+    def __enter__(self):
+        def hook(module, args, output):
+            if type(module).__name__ == self.class_name:
+                self.images += int(args[0].shape[0])
+
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 def _blip_parts(tok, **qformer):
     """The tiny vision / Q-Former / Flan-T5 (gated-GELU) configs both BLIP-2 and InstructBLIP fixtures use."""
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
