@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from decoder_only_fixtures import make_tiny_idefics3, make_tiny_llava, make_tiny_paligemma, make_tiny_qwen2_vl
-from vlm_fixtures import VisionCalls
+from vlm_fixtures import VisionCalls, interrupt_training_after
 
 from vlpet.cli import main
 from vlpet.data import build_dataset, make_image_fixture, open_image
@@ -326,22 +326,10 @@ def test_predict_a_split_of_a_llava_run(llava_run, fx, tmp_path):
 
 def test_resume_continues_exactly(llava_run, dirs, fx, tmp_path):
     from vlpet.checkpoint import load_tensors
-    from vlpet.train.loop import Trainer
 
     full, _ = llava_run
-    original, count = Trainer._train_micro_step, [0]
-
-    def interrupted(self, batch):
-        if count[0] == 12:  # in epoch 2, two steps after the checkpoint of step 10
-            raise KeyboardInterrupt
-        count[0] += 1
-        return original(self, batch)
-
-    Trainer._train_micro_step = interrupted
-    try:
+    with interrupt_training_after(12):  # in epoch 2, two steps after the checkpoint of step 10
         assert _train(dirs["llava"], fx, tmp_path / "cut") == 130
-    finally:
-        Trainer._train_micro_step = original
     assert _train(dirs["llava"], fx, tmp_path / "cut", "--resume") == 0
     a = load_tensors(full / "adapter-last" / "adapter_model.safetensors")
     b = load_tensors(tmp_path / "cut" / "adapter-last" / "adapter_model.safetensors")

@@ -12,7 +12,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from vlm_fixtures import VisionCalls, make_tiny_blip2, make_tiny_florence2, make_tiny_instructblip
+from vlm_fixtures import (VisionCalls, interrupt_training_after, make_tiny_blip2, make_tiny_florence2,
+                          make_tiny_instructblip)
 
 from vlpet.cli import main
 from vlpet.data import (DataError, ImageFeatureCache, NativeCollator, TaskBatchLoader, build_dataset,
@@ -267,23 +268,11 @@ def test_without_the_cache_the_vision_tower_runs_every_step(florence_dir, fx, tm
 
 def test_resume_continues_exactly(florence_dir, fx, tmp_path):
     from vlpet.checkpoint import load_tensors
-    from vlpet.train.loop import Trainer
 
     args = ("--epochs", "2", "--no-test", "--no-eval", "--save-every-steps", "5", "--limit-train", "12")
     assert _train(florence_dir, fx, tmp_path / "full", tmp_path / "cache", *args) == 0
-    original, count = Trainer._train_micro_step, [0]
-
-    def interrupted(self, batch):
-        if count[0] == 17:  # in epoch 2, two steps after the checkpoint of step 15
-            raise KeyboardInterrupt
-        count[0] += 1
-        return original(self, batch)
-
-    Trainer._train_micro_step = interrupted
-    try:
+    with interrupt_training_after(17):  # in epoch 2, two steps after the checkpoint of step 15
         assert _train(florence_dir, fx, tmp_path / "cut", tmp_path / "cache", *args) == 130
-    finally:
-        Trainer._train_micro_step = original
     assert not (tmp_path / "cut" / "adapter-last").exists()
     assert _train(florence_dir, fx, tmp_path / "cut", tmp_path / "cache", *args, "--resume") == 0
     a = load_tensors(tmp_path / "full" / "adapter-last" / "adapter_model.safetensors")
