@@ -126,6 +126,72 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _pad(seqs, value, left=False) -> torch.Tensor:
+    """Token id lists -> one [n, longest] tensor, filled with ``value`` on the right (on the left: ``left``)."""
+    n = max(map(len, seqs))
+    out = torch.full((len(seqs), n), value)
+    for i, q in enumerate(seqs):
+        if left:
+            out[i, n - len(q):] = torch.tensor(q)
+        else:
+            out[i, : len(q)] = torch.tensor(q)
+    return out
+
+
+def _eval_loss(model, **inputs) -> float:
+    """The loss of ``model`` on ``inputs`` in eval mode without gradients; the model is left training."""
+    model.eval()
+    with torch.no_grad():
+        out = float(model(**inputs).loss)
+    model.train()
+    return out
+
+
+def _cached_stage(cache: Path, stage: str, key: str, log_name: str):
+    """(folder, saved log, None) when the stage ``decoder-only-<stage>-<key>`` was built before; else (folder,
+    None, a fresh temporary folder to build it in, moved into place by :func:`_save_stage`)."""
+    folder = cache / f"decoder-only-{stage}-{key}"
+    if (folder / log_name).is_file():
+        say(f"[{stage}] reusing {folder}")
+        return folder, json.loads((folder / log_name).read_text()), None
+    tmp = cache / f".decoder-only-{stage}-{key}.tmp{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return folder, None, tmp
+
+
+def _save_stage(model, log: dict, log_name: str, tmp: Path, folder: Path) -> None:
+    model.save_pretrained(tmp)
+    (tmp / log_name).write_text(json.dumps(log, indent=1))
+    _replace(tmp, folder)
+
+
+def _pretrain(model, params, opt, steps: int, peak_lr: float, next_inputs, report) -> list[float]:
+    """``steps`` optimizer steps on ``model(**next_inputs()).loss`` (warm-up / decay of :func:`_lr_at`, clip 1.0);
+    ``report(step, curve)`` after each. Returns the loss curve."""
+    curve: list[float] = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, peak_lr)
+        loss = model(**next_inputs()).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        curve.append(loss.item())
+        report(step, curve)
+    return curve
+
+
+def _vqa_scores(preds: dict, test: list[dict]) -> dict:
+    """VQA accuracy of ``preds`` ({qid: answer}) on ``test`` (one gold answer, given by all ten annotators)."""
+    from vlpet.metrics import vqa_accuracy
+
+    res = vqa_accuracy(preds, {r["qid"]: [r["a"]] * 10 for r in test},
+                       answer_types={r["qid"]: r["atype"] for r in test})
+    return {"overall": res["overall"], "yes/no": res["per_answer_type"].get("yes/no", float("nan")),
+            "other": res["per_answer_type"].get("other", float("nan")), "n": res["n"]}
+
+
 # ------------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------------
@@ -191,10 +257,7 @@ def _lm_batches(tok, corpus, s: Settings):
         return [BOS, *text(sents), EOS]
 
     def collate(seqs):
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), PAD)
-        for i, q in enumerate(seqs):
-            ids[i, : len(q)] = torch.tensor(q)
+        ids = _pad(seqs, PAD)
         labels = ids.masked_fill(ids == PAD, -100)
         return ids, (ids != PAD).long(), labels
 
@@ -220,12 +283,9 @@ def build_lm(cache: Path, s: Settings) -> tuple[Path, dict]:
     from vlpet.train.optim import build_optimizer
 
     key = _digest([CODE_VERSION, {k: getattr(s, k) for k in LM_KEYS}, platform.python_version(), sys.base_prefix])
-    folder = cache / f"decoder-only-lm-{key}"
-    if (folder / "lm_log.json").is_file():
-        say(f"[lm] reusing {folder}")
-        return folder, json.loads((folder / "lm_log.json").read_text())
-    tmp = cache / f".decoder-only-lm-{key}.tmp{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
+    folder, saved, tmp = _cached_stage(cache, "lm", key, "lm_log.json")
+    if saved is not None:
+        return folder, saved
     log: dict = {}
     t0 = time.perf_counter()
     corpus = _load_corpus(cache, s.english_max_chars, say)
@@ -239,34 +299,24 @@ def build_lm(cache: Path, s: Settings) -> tuple[Path, dict]:
     next_batch, heldout = _lm_batches(tok, corpus, s)
 
     def heldout_loss(m):
-        m.eval()
-        with torch.no_grad():
-            out = float(m(input_ids=heldout[0], attention_mask=heldout[1], labels=heldout[2]).loss)
-        m.train()
-        return out
+        return _eval_loss(m, input_ids=heldout[0], attention_mask=heldout[1], labels=heldout[2])
+
+    def inputs():
+        ids, mask, labels = next_batch()
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def report(step, curve):
+        if step % 100 == 0 or step == s.lm_steps - 1:
+            say(f"[lm] step {step + 1}/{s.lm_steps} loss {np.mean(curve[-50:]):.3f} {time.perf_counter() - t0:.0f}s")
 
     log["lm_heldout_english_loss_before"] = heldout_loss(lm)
     opt = build_optimizer(lm, s.lm_lr, 0.01, fused=False, betas=(0.9, 0.98))
-    curve = []
-    for step in range(s.lm_steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, s.lm_steps, s.lm_lr)
-        ids, mask, labels = next_batch()
-        loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        curve.append(loss.item())
-        if step % 100 == 0 or step == s.lm_steps - 1:
-            say(f"[lm] step {step + 1}/{s.lm_steps} loss {np.mean(curve[-50:]):.3f} {time.perf_counter() - t0:.0f}s")
+    curve = _pretrain(lm, list(lm.parameters()), opt, s.lm_steps, s.lm_lr, inputs, report)
     log["lm_heldout_english_loss_after"] = heldout_loss(lm)
     log["lm_train_loss_last50"] = float(np.mean(curve[-50:]))
     log["lm_time_s"] = round(time.perf_counter() - t0, 1)
     log["lm_config"] = lcfg
-    lm.save_pretrained(tmp)
-    (tmp / "lm_log.json").write_text(json.dumps(log, indent=1))
-    _replace(tmp, folder)
+    _save_stage(lm, log, "lm_log.json", tmp, folder)
     return folder, log
 
 
@@ -284,12 +334,9 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
 
     lm_folder, lm_log = build_lm(cache, s)
     key = _digest([CODE_VERSION, lm_folder.name, {k: getattr(s, k) for k in VISION_KEYS}])
-    folder = cache / f"decoder-only-vlm-{key}"
-    if (folder / "build_log.json").is_file():
-        say(f"[vlm] reusing {folder}")
-        return folder, json.loads((folder / "build_log.json").read_text())
-    tmp = cache / f".decoder-only-vlm-{key}.tmp{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
+    folder, saved, tmp = _cached_stage(cache, "vlm", key, "build_log.json")
+    if saved is not None:
+        return folder, saved
     log: dict = {"note": "a TINY LLaVA built by benchmarks/decoder_only_easyvqa.py: Llama LM pretrained on ~1 MB of "
                          "offline text, CLIP-ViT tower trained from scratch on easy-VQA train captions; not a real VLM",
                  **{k: v for k, v in lm_log.items() if k != "lm_config"}}
@@ -323,10 +370,7 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
     def caption_batch(pairs):
         seqs = [[BOS] + [image_token] * n_img + tok(" " + c, add_special_tokens=False)["input_ids"] + [EOS]
                 for _, c in pairs]
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), PAD)
-        for i, q in enumerate(seqs):
-            ids[i, : len(q)] = torch.tensor(q)
+        ids = _pad(seqs, PAD)
         labels = ids.masked_fill((ids == PAD) | (ids == image_token), -100)
         labels[:, 0] = -100
         return ids, (ids != PAD).long(), labels, pixels[[i for i, _ in pairs]]
@@ -336,32 +380,24 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
         ids, mask, labels, px = caption_batch(pairs)
         if shuffle:
             px = px[torch.randperm(len(px), generator=torch.Generator().manual_seed(s.seed))]
-        vlm.eval()
-        with torch.no_grad():
-            out = float(vlm(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).loss)
-        vlm.train()
-        return out
+        return _eval_loss(vlm, input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels)
+
+    def inputs():
+        ids, mask, labels, px = caption_batch(rng.sample(data["captions"], s.s1_batch))
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": px, "labels": labels}
+
+    def report(step, curve):
+        if step % 200 == 199 or step == s.s1_steps - 1:
+            say(f"[vlm] stage 1 step {step + 1}/{s.s1_steps} caption loss {np.mean(curve[-50:]):.3f}, held-out "
+                f"{caption_loss(held):.3f} (images shuffled: {caption_loss(held, shuffle=True):.3f}) "
+                f"{time.perf_counter() - t1:.0f}s")
 
     held = data["heldout_captions"][:128]
     log["stage1_heldout_caption_loss_before"] = caption_loss(held)
     trainable = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=s.s1_lr, weight_decay=0.01)
     rng = random.Random(f"{s.seed}-stage1")
-    curve = []
-    for step in range(s.s1_steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, s.s1_steps, s.s1_lr)
-        ids, mask, labels, px = caption_batch(rng.sample(data["captions"], s.s1_batch))
-        loss = vlm(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        curve.append(loss.item())
-        if step % 200 == 199 or step == s.s1_steps - 1:
-            say(f"[vlm] stage 1 step {step + 1}/{s.s1_steps} caption loss {np.mean(curve[-50:]):.3f}, held-out "
-                f"{caption_loss(held):.3f} (images shuffled: {caption_loss(held, shuffle=True):.3f}) "
-                f"{time.perf_counter() - t1:.0f}s")
+    _pretrain(vlm, trainable, opt, s.s1_steps, s.s1_lr, inputs, report)
     log["stage1_heldout_caption_loss_after"] = caption_loss(held)
     log["stage1_heldout_caption_loss_after_shuffled_images"] = caption_loss(held, shuffle=True)
     log["stage1_time_s"] = round(time.perf_counter() - t1, 1)
@@ -371,9 +407,7 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
     for p in vlm.parameters():
         p.requires_grad_(True)
     vlm.config.vlpet_note = log["note"]
-    vlm.save_pretrained(tmp)
-    (tmp / "build_log.json").write_text(json.dumps(log, indent=1))
-    _replace(tmp, folder)
+    _save_stage(vlm, log, "build_log.json", tmp, folder)
     say(f"[vlm] saved {folder}: " + ", ".join(f"{k} {v:.3f}" for k, v in log.items() if isinstance(v, float)))
     return folder, log
 
@@ -383,25 +417,16 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
 # ------------------------------------------------------------------------------------------------
 def vqa_batch(recs, tok, data, n_img, image_token, with_labels=True):
     prompts = [[BOS] + [image_token] * n_img + tok(" " + r["q"], add_special_tokens=False)["input_ids"] for r in recs]
-    n = max(map(len, prompts))
-    ids = torch.full((len(recs), n), PAD)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding: the answer follows the last prompt token
-        ids[i, n - len(p):] = torch.tensor(p)
-        mask[i, n - len(p):] = 1
+    ids = _pad(prompts, PAD, left=True)  # left padding: the answer follows the last prompt token
+    mask = _pad([[1] * len(p) for p in prompts], 0, left=True)
     out = {"input_ids": ids, "attention_mask": mask, "pixel_values": data["pixels"][[r["img"] for r in recs]]}
     if with_labels:
         answers = [tok(" " + r["a"], add_special_tokens=False)["input_ids"] + [EOS] for r in recs]
-        labels = torch.full((len(recs), max(map(len, answers))), -100)
-        for i, a in enumerate(answers):
-            labels[i, : len(a)] = torch.tensor(a)
-        out["labels"] = labels
+        out["labels"] = _pad(answers, -100)
     return out
 
 
 def evaluate(model, tok, data, s, n_img, image_token) -> dict:
-    from vlpet.metrics import vqa_accuracy
-
     model.eval()
     preds = {}
     with torch.no_grad():
@@ -412,12 +437,8 @@ def evaluate(model, tok, data, s, n_img, image_token) -> dict:
                                  pad_token_id=PAD, suppress_tokens=[image_token])
             for r, row in zip(recs, new):
                 preds[r["qid"]] = tok.decode(row, skip_special_tokens=True).strip()
-    res = vqa_accuracy(preds, {r["qid"]: [r["a"]] * 10 for r in data["test"]},
-                       answer_types={r["qid"]: r["atype"] for r in data["test"]})
     model.train()
-    return {"overall": res["overall"], "yes/no": res["per_answer_type"].get("yes/no", float("nan")),
-            "other": res["per_answer_type"].get("other", float("nan")), "n": res["n"],
-            "examples": dict(list(preds.items())[:5])}
+    return {**_vqa_scores(preds, data["test"]), "examples": dict(list(preds.items())[:5])}
 
 
 def text_prior(data) -> dict:
@@ -426,7 +447,6 @@ def text_prior(data) -> dict:
     from collections import Counter
 
     from vlpet.demo.facts import question_template
-    from vlpet.metrics import vqa_accuracy
 
     by_t: dict = {}
     for r in data["train"]:
@@ -434,10 +454,7 @@ def text_prior(data) -> dict:
     overall = Counter(r["a"] for r in data["train"]).most_common(1)[0][0]
     preds = {r["qid"]: (by_t[t].most_common(1)[0][0] if (t := question_template(r["q"])) in by_t else overall)
              for r in data["test"]}
-    res = vqa_accuracy(preds, {r["qid"]: [r["a"]] * 10 for r in data["test"]},
-                       answer_types={r["qid"]: r["atype"] for r in data["test"]})
-    return {"overall": res["overall"], "yes/no": res["per_answer_type"].get("yes/no", float("nan")),
-            "other": res["per_answer_type"].get("other", float("nan")), "n": res["n"]}
+    return _vqa_scores(preds, data["test"])
 
 
 def run_row(folder, tok, data, s, log, name, preset, positions, seed, steps) -> dict:
