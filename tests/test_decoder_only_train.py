@@ -85,6 +85,20 @@ def _batch(model, family, fx, task, n=3, split="train"):
 
 
 # -- the collator ------------------------------------------------------------------------------------------
+def test_a_batch_is_one_task_in_both_collators(models, fx):
+    # the check DecoderOnlyCollator shares with the encoder-decoder NativeCollator: refused before the processor
+    from vlpet.data import NativeCollator
+
+    model = models["llava"]
+    gqa, _ = _batch(model, "llava", fx, "gqa", n=1)
+    caption, _ = _batch(model, "llava", fx, "caption", n=1)
+    for collate in (DecoderOnlyCollator(model.processor, "llava"), NativeCollator(model.processor)):
+        with pytest.raises(ValueError, match="an empty batch"):
+            collate([])
+        with pytest.raises(ValueError, match=r"a batch mixes tasks \['caption', 'gqa'\]"):
+            collate(gqa + caption)
+
+
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # in PaliGemma's processor
 @pytest.mark.parametrize("family", COLLATE_FAMILIES + ("qwen2_vl",))
 def test_prompt_and_labels_token_by_token(family, fx, request):
