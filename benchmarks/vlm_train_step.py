@@ -345,7 +345,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; --tiny 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny random models of the same classes (CPU smoke test)")
-    p.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results, and $OUT when set)")
+    p.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results unless --tiny, and $OUT when set)")
     a = p.parse_args(argv)
     a.batches = a.batches or ([2] if a.tiny else [64, 32, 16])
     a.steps = a.steps or (2 if a.tiny else 10)
@@ -366,8 +366,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     data = run(args)
     name = "vlm_train_step" + ("-tiny" if args.tiny else "") + ".json"
-    folders = [Path(args.out)] if args.out else [HERE / "results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT")
-                                                                      else [])
+    # a --tiny smoke run writes to benchmarks/results only when asked (--out), as train_step.py does
+    folders = [Path(args.out)] if args.out else ([] if args.tiny else [HERE / "results"]) + (
+        [Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(data, indent=1) + "\n")
