@@ -151,6 +151,12 @@ def hf_config(backbone: str, tiny: bool):
     return cfg
 
 
+def split_suffixes(method: str) -> tuple[str, set[str]]:
+    """"vl-pet-large-cached+rc+compile" -> ("vl-pet-large-cached", {"rc", "compile"}), in any order."""
+    base, *rest = method.split("+")
+    return base, set(rest)
+
+
 def method_config(method: str, backbone: str):
     """A vlpet preset, or the floor: the same VL model with no PET module, only the visual embedding trains."""
     from vlpet.method import MethodConfig

@@ -74,7 +74,7 @@ def image_tokens(cfg) -> int:
     return patches  # LLaVA: CLS dropped ("default" strategy)
 
 
-def batch(backbone: str, cfg, n: int, device, seed: int = 0) -> dict:
+def batch(cfg, n: int, device, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     v = cfg.vision_config
     image_id = getattr(cfg, "image_token_id", None) or cfg.image_token_index
@@ -88,14 +88,13 @@ def batch(backbone: str, cfg, n: int, device, seed: int = 0) -> dict:
     return {k: t.to(device) for k, t in out.items()}
 
 
-def build(backbone: str, method: str, tiny: bool, device):
-    """(model, trainable params, step inputs -> loss)."""
+def build(backbone: str, cfg, method: str, device):
+    """(model, trainable params, step inputs -> loss); `cfg` = config(backbone, tiny)."""
     import transformers
 
     from vlpet.backbones.loading import VLM_CLASSES
     from vlpet.model import VLModel
 
-    cfg = config(backbone, tiny)
     cls = getattr(transformers, VLM_CLASSES[cfg.model_type])
     with B.fork_rng(0), torch.device(device):  # random weights drawn where they live (7B on a CPU is slow)
         hf = cls._from_config(cfg)
@@ -114,8 +113,8 @@ def build(backbone: str, method: str, tiny: bool, device):
         from vlpet.backbones.vlm import lm_width
         from vlpet.presets import get_preset
 
-        preset, compiled = (method[:-8], True) if method.endswith("+compile") else (method, False)
-        preset, recompute = (preset[:-3], True) if preset.endswith("+rc") else (preset, False)
+        preset, suffixes = B.split_suffixes(method)
+        compiled, recompute = "compile" in suffixes, "rc" in suffixes
         if preset == "floor":  # what every method pays at least: no PET module, the backward runs the whole LM
             method_config = B.method_config("floor", "bart-base")
         else:
@@ -145,12 +144,12 @@ def run(args, device, data: dict, writer) -> None:
         per = data["results"].setdefault(backbone, {}).setdefault(precision, {})
         cfg = config(backbone, args.tiny)
         n = args.batch or (2 if args.tiny else BATCH[backbone])
-        inputs = batch(backbone, cfg, n, device, args.seed)
+        inputs = batch(cfg, n, device, args.seed)
         for method in args.methods:
             key = f"{backbone}/{method}"
             try:
                 B.reset_memory(device)
-                model, params, loss_fn = build(backbone, method, args.tiny, device)
+                model, params, loss_fn = build(backbone, cfg, method, device)
                 kw = {"fused": True} if device.type == "cuda" else {}
                 opt = torch.optim.AdamW(params, lr=1e-4, eps=1e-6, weight_decay=0.01, **kw)
 
@@ -167,8 +166,7 @@ def run(args, device, data: dict, writer) -> None:
                     step()
                 times, _ = B.time_steps(step, args.steps, device)
                 s = B.summarise(times)
-                trainable = sum(p.numel() for p in params)
-                total = sum(p.numel() for p in model.parameters())
+                trainable, total = B.param_counts(model)
                 per[method] = {"batch": n, "step_ms": B.rnd(s["median"]), "samples_per_s": B.rnd(n * 1e3 / s["median"], 1),
                                "peak_mem_gb": B.rnd(B.peak_gib(device)),
                                "trainable_percent": B.rnd(100 * trainable / total, 4),

@@ -522,8 +522,9 @@ def run_profile(args, device, folders: list[Path], data: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbones", type=B.csv_list, default=["bart-base", "t5-base"])
-    p.add_argument("--methods", type=B.csv_list, default=list(DEFAULT_METHODS),
-                   help="vlpet presets and/or 'floor' (default: %(default)s)")
+    p.add_argument("--methods", type=B.csv_list, default=None,
+                   help=f"vlpet presets and/or 'floor' (default: {','.join(DEFAULT_METHODS)}; decoder-only "
+                        f"backbones: vl-pet-large,plain-peft-lora)")
     p.add_argument("--precisions", type=B.csv_list, default=["fp32", "bf16"], help="fp32, bf16 (autocast), fp16")
     p.add_argument("--baselines", action="store_true",
                    help="add plain transformers rows: plain-frozen (only a Linear(2048->d) visual projection "
@@ -586,16 +587,19 @@ def parse_args(argv=None):
         if len(decoder) != len(args.backbones):
             p.error(f"--backbones: decoder-only names ({', '.join(DO.BACKBONES)}) run alone, not with "
                     f"{', '.join(b for b in args.backbones if b not in DO.BACKBONES)}")
-        if "--methods" not in (argv if argv is not None else sys.argv):
-            args.methods = ["vl-pet-large", "plain-peft-lora"]
+        if args.recompute != "off":  # their matrix (_decoder_only_bench) names recomputed rows itself
+            p.error("--recompute: for decoder-only backbones name the rows <preset>+rc in --methods")
+        args.methods = args.methods or ["vl-pet-large", "plain-peft-lora"]
         from vlpet.decoder_only import DECODER_PRESETS
 
         for m in args.methods:
-            if m.removesuffix("+compile").removesuffix("+rc") not in (*DECODER_PRESETS, "floor") \
+            base, suffixes = B.split_suffixes(m)
+            if (base not in (*DECODER_PRESETS, "floor") or not suffixes <= {"rc", "compile"}) \
                     and m != "plain-peft-lora":
                 p.error(f"--methods: {m!r} is not offered on decoder-only VLMs; allowed: "
                         f"{', '.join(DECODER_PRESETS)}, floor, plain-peft-lora (a preset may end in +rc, +compile or +rc+compile)")
         return args
+    args.methods = args.methods or list(DEFAULT_METHODS)
     for b in args.backbones:
         if b not in B.PAPER_BATCH:
             p.error(f"--backbones: {b!r} is not one of {', '.join((*B.PAPER_BATCH, *DO.BACKBONES))}")

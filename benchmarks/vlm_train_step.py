@@ -42,6 +42,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+from _bench import git_commit, split_suffixes  # noqa: E402
 
 VLM_BACKBONES = ("florence2-base", "florence2-large", "blip2-flan-t5-xl")
 METHODS = ("floor", "vl-pet-large", "vl-pet-large-cached", "lora", "plain-peft-lora", "full")
@@ -223,12 +226,6 @@ def make_step(method, kind, name, device, dtype, inputs, labels):
 SUFFIXES = ("rc", "compile")
 
 
-def split_suffixes(method: str) -> tuple[str, set[str]]:
-    """"vl-pet-large-cached+rc+compile" -> ("vl-pet-large-cached", {"rc", "compile"})."""
-    base, *rest = method.split("+")
-    return base, set(rest)
-
-
 def measure(method, kind, name, device, dtype, b, size, steps, warmup):
     from vlpet.backbones.loading import builtin_config, BUILTIN_BACKBONES
 
@@ -260,18 +257,13 @@ def measure(method, kind, name, device, dtype, b, size, steps, warmup):
             "trainable": trainable, "total": total, "percent": round(100 * trainable / total, 4)}
 
 
-def _commit() -> str:
-    import _bench
-
-    return _bench.git_commit()  # VLPET_COMMIT first (the GPU machine's copy has stale git metadata)
-
-
 def run(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float32 if args.tiny and device.type == "cpu" else torch.bfloat16
     data = {"benchmark": "vlm_train_step", "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else "cpu", "torch": torch.__version__, "dtype": str(dtype), "text_len": TEXT_LEN, "target_len": TARGET_LEN,
-            "tiny": args.tiny, "commit": _commit(), "results": {}, "ratios": {}, "errors": {}}
+            "tiny": args.tiny, "commit": git_commit(),  # VLPET_COMMIT first (the GPU copy has stale git metadata)
+            "results": {}, "ratios": {}, "errors": {}}
     from vlpet.backbones.loading import load_backbone
 
     for name in args.backbones:

@@ -544,3 +544,25 @@ def test_mismatched_adapter_or_method_leaves_the_given_model_untouched(folders, 
 def test_decoder_only_config_gets_no_decoder_start_token(folders):
     model = VLModel.build(str(folders["llava"]), "vl-pet-large")
     assert getattr(model.backbone.config.text_config, "decoder_start_token_id", None) is None
+
+
+def test_benchmark_tiny_smoke(tmp_path):
+    """benchmarks/train_step.py --backbones <decoder-only> runs its own matrix on the CPU --tiny path, with the
+    rows named in --methods (also in the --methods=... form) and the recompute rows named <preset>+rc."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import train_step
+
+    rc = train_step.main(["--backbones", "smolvlm-2b", "--methods=floor,vl-pet-large+rc", "--device", "cpu",
+                          "--tiny", "--steps", "1", "--warmup", "0", "--out", str(tmp_path),
+                          "--results-dir", str(tmp_path)])
+    assert rc == 0
+    (path,) = tmp_path.glob("train_step-*.json")
+    rows = json.loads(path.read_text())["results"]["smolvlm-2b"]["fp32"]
+    assert set(rows) == {"floor", "vl-pet-large+rc"}
+    assert 0 < rows["floor"]["trainable_percent"] < rows["vl-pet-large+rc"]["trainable_percent"]
+    with pytest.raises(SystemExit):  # --recompute is for the VL-BART / VL-T5 matrix; here rows say +rc
+        train_step.parse_args(["--backbones", "smolvlm-2b", "--recompute", "on"])

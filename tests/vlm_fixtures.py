@@ -7,25 +7,20 @@ mid-run, for resume tests)."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 from pathlib import Path
 
 import torch
 
 from conftest import gpt2_bpe_tokenizer
+from vlpet.rng import fork_rng
 
 IMAGE_SIZE = 32  # the tiny vision tower: 32 x 32 pixels -> 17 image tokens
 
 
 def _seeded(model_cls, cfg, seed: int):
     """``model_cls(cfg)`` drawn under ``seed``, the global RNG left as it was."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = model_cls(cfg)
-    finally:
-        torch.random.set_rng_state(state)
-    return model
+    with fork_rng(seed):
+        return model_cls(cfg)
 
 
 class VisionCalls:
