@@ -155,8 +155,7 @@ class VLModel(nn.Module):
         model = load_backbone(backbone, seed=seed, meta=meta)
         arch = arch_for(model.config.model_type, model.config)
         if arch.image_path:
-            if isinstance(method, str):  # module sizes scale with the language model's width (issue 18)
-                method = get_preset(method, arch.family, d_model=vlm.lm_width(model.config))
+            method = vlm_method(method, model.config, arch)
             processor = load_processor(backbone) if load_tok and not meta else None
             return cls(model, method, None, backbone_name=backbone, tokenizer=tokenizer, seed=seed,
                        processor=processor)
@@ -611,7 +610,9 @@ class VLModel(nn.Module):
         generation_settings.setdefault("do_sample", False)
         with self.task_context(task):
             if self.arch.decoder_only:
-                extra = {k: generation_settings.pop(k) for k in _DECODER_ONLY_INPUTS if k in generation_settings}
+                from .data.images import DECODER_ONLY_INPUT_KEYS
+
+                extra = {k: generation_settings.pop(k) for k in DECODER_ONLY_INPUT_KEYS if k in generation_settings}
                 if pixel_values is not None:
                     extra["pixel_values"] = pixel_values
                 return decoder_only.generate(self, input_ids, attention_mask, generation_settings, extra)
@@ -715,6 +716,12 @@ class VLModel(nn.Module):
         return model
 
 
+def vlm_method(method: str | MethodConfig, config, arch) -> MethodConfig:
+    """A preset name resolved for a VLM (or a model wrapped in place): module sizes scale with the language
+    model's width (issue 18); a MethodConfig is used as it is."""
+    return get_preset(method, arch.family, d_model=vlm.lm_width(config)) if isinstance(method, str) else method
+
+
 def get_vlpet_model(model: nn.Module, method: str | MethodConfig = "vl-pet-large", *, seed: int = 0,
                     processor=None) -> VLModel:
     """Put a VL-PET method into a loaded Hugging Face model, in place, as PEFT's `get_peft_model` does:
@@ -725,16 +732,9 @@ def get_vlpet_model(model: nn.Module, method: str | MethodConfig = "vl-pet-large
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(model, "get_input_embeddings"):
         raise ConfigError(f"get_vlpet_model expects a Hugging Face PreTrainedModel, got {type(model).__name__}")
-    arch = arch_for(cfg.model_type, cfg)
-    if isinstance(method, str):
-        method = get_preset(method, arch.family, d_model=vlm.lm_width(cfg))
+    method = vlm_method(method, cfg, arch_for(cfg.model_type, cfg))
     return VLModel(model, method, None, backbone_name=getattr(cfg, "_name_or_path", "") or "", seed=seed,
                    native_inputs=True, processor=processor)
-
-
-# the decoder-only VLMs' own image inputs besides pixel_values (their processors return them)
-_DECODER_ONLY_INPUTS = ("image_grid_thw", "pixel_attention_mask", "token_type_ids", "mm_token_type_ids",
-                        "image_sizes")
 
 
 def _architecture(backbone: nn.Module, arch: ArchSpec) -> dict:

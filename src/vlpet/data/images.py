@@ -46,9 +46,11 @@ VLM_TYPES = ("florence2", "blip-2", "instructblip")
 #: batch keys of the encoder-decoder VLMs' processors that go to the VLM's forward / generate
 _SEQ2SEQ_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_features", "qformer_input_ids",
                        "qformer_attention_mask")
-#: batch keys that go to the VLM's forward / generate (+ the decoder-only processors' image inputs, issue 20)
-NATIVE_INPUT_KEYS = _SEQ2SEQ_INPUT_KEYS + ("pixel_attention_mask", "image_grid_thw", "image_sizes",
-                                           "token_type_ids", "mm_token_type_ids")
+#: the decoder-only VLMs' own image inputs besides pixel_values (their processors return them; issue 20)
+DECODER_ONLY_INPUT_KEYS = ("pixel_attention_mask", "image_grid_thw", "image_sizes", "token_type_ids",
+                           "mm_token_type_ids")
+#: batch keys that go to the VLM's forward / generate
+NATIVE_INPUT_KEYS = _SEQ2SEQ_INPUT_KEYS + DECODER_ONLY_INPUT_KEYS
 
 
 @dataclass(frozen=True)

@@ -252,7 +252,6 @@ register_task(Task("yc2c", "video", "caption", _video("yc2c", _RELEASE), metric=
 # The paper's tasks at import time (a task registered later is reached through task_names()).
 TASKS = task_names("image")
 VIDEO_TASKS = task_names("video")
-ALL_TASKS = TASKS + VIDEO_TASKS
 
 
 def get_task_specs(tasks=None, **kwargs) -> dict[str, TaskSpec]:

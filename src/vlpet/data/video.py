@@ -76,7 +76,7 @@ from .base import ImageTextDataset, _encode
 from .errors import DataError
 from .layout import VLAdapterLayout, resolve_data_root
 from .records import _Rec, _typename
-from .tasks import task_entry, task_names
+from .tasks import VIDEO_TASKS, task_entry, task_names
 
 __all__ = [
     "VIDEO_TASKS",
@@ -113,7 +113,6 @@ __all__ = [
 # From the task registry (data/tasks.py); VIDEO_TASK_INFO below adds the VALUE-layout details per task.
 VIDEO_QA_TASKS = task_names("video", "qa")
 VIDEO_CAPTION_TASKS = task_names("video", "caption")
-VIDEO_TASKS = task_names("video")
 N_FRAMES = 64
 VIDEO_FEAT_DIM = 512
 TRUNCATIONS = ("end", "subtitles")

@@ -97,6 +97,7 @@ def predict_task(model, loader: TaskBatchLoader, spec: TaskSpec, tokenizer, devi
 
 
 def _decoder_only(model) -> bool:
+    """A decoder-only VLM (its `arch` entry says so); False for anything without an architecture entry."""
     return bool(getattr(getattr(model, "arch", None), "decoder_only", False))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .evaluate import _decoder_only
 
 #: modules that ``frozen_image_features`` runs, by their parameter-name parts (Florence-2, BLIP-2, InstructBLIP)
 FROZEN_IMAGE_PARTS = {"florence2": ("vision_tower",), "blip-2": ("vision_model", "qformer", "query_tokens"),
@@ -52,13 +53,15 @@ def image_path_frozen(model) -> bool:
                    for name, p in model.named_parameters())
 
 
-def load_vlm(backbone: str, method, seed: int, overrides: dict | None = None):
+def load_vlm(backbone: str, method, seed: int, overrides: dict | None = None, config_arch=None):
     """`VLModel.build` of a VLM (encoder-decoder or decoder-only) with its processor; ConfigError, before the
-    weights are built, when the backbone reads features or has no processor."""
+    weights are built, when the backbone reads features or has no processor. `config_arch`: the backbone's
+    (config, arch) when the caller has read them already (`_backbone_arch`)."""
     from ..backbones.loading import BUILTIN_BACKBONES
     from ..model import VLModel
 
-    config, arch = _backbone_arch(backbone)  # the config alone: wrong backbones fail before a weight is built
+    # the config alone: wrong backbones fail before a weight is built
+    config, arch = config_arch or _backbone_arch(backbone)
     if not arch.image_path:
         raise ConfigError(f"--image-root: backbone {backbone!r} reads precomputed image features (VL-BART / VL-T5); "
                           f"raw images need a VLM backbone (Florence-2, BLIP-2, InstructBLIP, LLaVA, Idefics3, "
@@ -66,7 +69,7 @@ def load_vlm(backbone: str, method, seed: int, overrides: dict | None = None):
     if backbone in BUILTIN_BACKBONES:  # random weights, no processor: refused before a (7B) build
         raise ConfigError(_NO_PROCESSOR.format(backbone=backbone))
     if overrides:
-        method = resolve_vlm_method(backbone, method, overrides, config=config)
+        method = resolve_vlm_method(method, overrides, config, arch)
     model = VLModel.build(backbone, method, seed=seed)  # once: preset and overrides are resolved first
     if getattr(model, "processor", None) is None:
         raise ConfigError(_NO_PROCESSOR.format(backbone=backbone))
@@ -85,20 +88,13 @@ def _backbone_arch(backbone: str):
     return config, arch_for(config.model_type, config)
 
 
-def resolve_vlm_method(backbone: str, method, overrides: dict, config=None):
+def resolve_vlm_method(method, overrides: dict, config, arch):
     """The preset (sized as VLModel.build sizes it for this VLM) with the --method-overrides applied, read
     from the backbone's config alone, so the VLM itself is built only once."""
-    from ..backbones import vlm
-    from ..backbones.arch import arch_for
     from ..method import MethodConfig
-    from ..presets import get_preset
+    from ..model import vlm_method
 
-    if isinstance(method, str):
-        if config is None:
-            config = _backbone_arch(backbone)[0]
-        arch = arch_for(config.model_type, config)
-        method = get_preset(method, arch.family, d_model=vlm.lm_width(config)) if arch.image_path \
-            else get_preset(method, arch.family)
+    method = vlm_method(method, config, arch)
     return MethodConfig.from_dict({**method.to_dict(), **overrides}, "--method-overrides")
 
 
@@ -130,7 +126,7 @@ def build_native(trainer) -> None:
                               "(their vision tower runs every step); drop --image-cache-dir")
         check_tasks(config.model_type, trainer.tasks)
     seed_everything(cfg.seed)
-    model = load_vlm(cfg.backbone, cfg.method, cfg.seed, cfg.method_overrides)
+    model = load_vlm(cfg.backbone, cfg.method, cfg.seed, cfg.method_overrides, config_arch=(config, arch))
     model_type = vlm_model_type(model)
     processor = model.processor
     trainer.tokenizer = processor.tokenizer
@@ -165,7 +161,7 @@ def open_feature_cache(model, enabled: bool, cache_dir=None):
     it is off or the method trains part of the image path (its features change)."""
     from ..data.image_cache import ImageFeatureCache, default_cache_dir
 
-    if not enabled or getattr(getattr(model, "arch", None), "decoder_only", False) or not image_path_frozen(model):
+    if not enabled or _decoder_only(model) or not image_path_frozen(model):
         return None  # decoder-only VLMs: no frozen-feature path (VLModel.frozen_image_features refuses them)
     return ImageFeatureCache(Path(cache_dir) if cache_dir else default_cache_dir(), model.image_features_key(),
                              model.processor)
@@ -261,7 +257,7 @@ def predict_inputs(processor, model_type: str, task: str, ref, question: str = "
 
 def decode_settings(model, spec) -> dict:
     """The task's generation settings for this model (a decoder-only VLM counts max_length in new tokens)."""
-    if getattr(getattr(model, "arch", None), "decoder_only", False):
+    if _decoder_only(model):
         from ..data.decoder_prompts import generation_settings
 
         return generation_settings(spec.decode_kwargs())

@@ -9,7 +9,7 @@ import torch
 
 from ..backbones.attention import preferred_attention
 from ..checkpoint import CONFIG_NAME, atomic_write_bytes, atomic_write_json
-from ..data.tasks import TASKS as ALL_TASKS
+from ..data.tasks import TASKS as IMAGE_TASKS
 from ..data.tasks import VIDEO_TASKS, is_video_task, task_names
 from ..errors import CheckpointError, ConfigError
 from ..frozen_precision import apply_frozen_dtype
@@ -104,7 +104,7 @@ def evaluate_checkpoint(checkpoint, data_root, split="test", tasks=None, backbon
         raise DataError(data_root, "an existing data root directory (--data-root)",
                         got="a file" if Path(data_root).exists() else "no such directory")
     run, folders = _resolve(checkpoint)
-    default = VIDEO_TASKS if _is_video_adapter(folders[0][1]) else ALL_TASKS
+    default = VIDEO_TASKS if _is_video_adapter(folders[0][1]) else IMAGE_TASKS
     tasks = tuple(canonical_task(t) for t in (tasks or run.get("tasks") or default))
     feature_dirname = feature_dirname or run.get("feature_dirname", "data_clip_RN101_att")
     backbone = backbone or run.get("backbone")
