@@ -18,6 +18,8 @@ The mapping (docs/decoder-only.md says why):
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -50,6 +52,15 @@ class PrefixState:
     prefix_len: int | None = None
     mask: torch.Tensor | None = None
     read: bool = False
+
+    @contextlib.contextmanager
+    def call(self, prefix_len: int, mask: torch.Tensor):
+        """The state of one VLModel call (the prefix of this batch), cleared when the call ends."""
+        self.prefix_len, self.mask, self.read = prefix_len, mask, False
+        try:
+            yield self
+        finally:
+            self.prefix_len, self.mask, self.read = None, None, False
 
 
 class _Bound:
@@ -301,13 +312,9 @@ def forward(model, input_ids, attention_mask, labels, return_loss, kwargs):
     kw = _family_inputs(model.arch, model.backbone.config, ids, n, kwargs)
     kw.pop("use_cache", None)
     keep = max(1, answer.shape[1] + 1)
-    state = model._prefix_state
-    state.prefix_len, state.mask, state.read = n, mask, False
-    try:
+    with model._prefix_state.call(n, mask):
         out = model.backbone(input_ids=ids, attention_mask=full_mask, use_cache=False, logits_to_keep=keep,
                              return_dict=True, **kw)
-    finally:
-        state.prefix_len, state.mask, state.read = None, None, False
     logits = out.logits[:, -keep:]
     loss = None
     if labels_in is not None and return_loss:
@@ -322,12 +329,8 @@ def generate(model, input_ids, attention_mask, settings, kwargs):
     n = input_ids.shape[1]
     kw = _family_inputs(model.arch, model.backbone.config, input_ids, n, kwargs)
     settings.setdefault("pad_token_id", model._pad_id())
-    state = model._prefix_state
-    state.prefix_len, state.mask, state.read = n, mask, False  # CausalSmallGate expands it to the rows
-    try:
+    with model._prefix_state.call(n, mask):  # CausalSmallGate expands the mask to generate's rows
         out = model.backbone.generate(input_ids=input_ids, attention_mask=mask, **kw, **settings)
-    finally:
-        state.prefix_len, state.mask, state.read = None, None, False
     if isinstance(out, torch.Tensor):
         return out[:, n:]
     out.sequences = out.sequences[:, n:]

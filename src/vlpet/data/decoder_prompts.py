@@ -15,7 +15,7 @@ the closing newline around "<image>{text}" ("answer en {question}", "caption en"
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -42,17 +42,17 @@ class DecoderPrompt:
 _INSTRUCTIONS = {"vqa": "{sent}", "gqa": "{sent}", "caption": "A short image caption:",
                  "nlvr": "Is this statement about the two images true or false? {sent}"}
 
+_QWEN2_VL = DecoderPrompt("Qwen2-VL", "<|vision_start|><|image_pad|><|vision_end|>",
+                          "<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n", answer_sep="",
+                          instructions=_INSTRUCTIONS)
+
 DECODER_PROMPTS: dict[str, DecoderPrompt] = {
     "llava": DecoderPrompt("LLaVA", "<image>", "USER: {images}\n{text} ASSISTANT:", instructions=_INSTRUCTIONS),
     # SmolVLM-Instruct's format; its processor's chat template (when saved) renders the same
     "idefics3": DecoderPrompt("Idefics3", "<image>", "<|im_start|>User:{images}{text}<end_of_utterance>\nAssistant:",
                               instructions=_INSTRUCTIONS),
-    "qwen2_vl": DecoderPrompt("Qwen2-VL", "<|vision_start|><|image_pad|><|vision_end|>",
-                              "<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n", answer_sep="",
-                              instructions=_INSTRUCTIONS),
-    "qwen2_5_vl": DecoderPrompt("Qwen2.5-VL", "<|vision_start|><|image_pad|><|vision_end|>",
-                                "<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n",
-                                answer_sep="", instructions=_INSTRUCTIONS),
+    "qwen2_vl": _QWEN2_VL,
+    "qwen2_5_vl": replace(_QWEN2_VL, name="Qwen2.5-VL"),  # the same prompt format
     # PaliGemma: one image (a prefix LM pretrained on single images), its own task prefixes; its processor
     # puts BOS after the image tokens and "\n" after the text
     "paligemma": DecoderPrompt("PaliGemma", "<image>", "{images}{text}", answer_sep="", after_text="\n",
