@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _bench import git_commit  # noqa: E402
+
 CODE_VERSION = 1  # bump when a change alters the data, the LM, the vision tower or the tuning
 
 
@@ -216,9 +219,10 @@ def load_data(cache: Path, s: Settings) -> dict:
             im = im.resize((s.image_size, s.image_size), Image.BILINEAR)
         pix.append(torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0)
     pixels = (torch.stack(pix) - 0.5) / 0.5
-    captions = [(index[im["filename"][:-4]], sent["raw"]) for im in read("COCO/dataset_coco.json")["images"]
+    coco = read("COCO/dataset_coco.json")["images"]
+    captions = [(index[im["filename"][:-4]], sent["raw"]) for im in coco
                 if im["split"] in ("train", "restval") for sent in im["sentences"]]
-    heldout_captions = [(index[im["filename"][:-4]], sent["raw"]) for im in read("COCO/dataset_coco.json")["images"]
+    heldout_captions = [(index[im["filename"][:-4]], sent["raw"]) for im in coco
                         if im["split"] == "test" for sent in im["sentences"][:1]]
 
     def vqa(name):
@@ -404,8 +408,6 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
     log["image_tokens"] = n_img
     log["image_token_id"] = image_token
     log["n_params"] = sum(p.numel() for p in vlm.parameters())
-    for p in vlm.parameters():
-        p.requires_grad_(True)
     vlm.config.vlpet_note = log["note"]
     _save_stage(vlm, log, "build_log.json", tmp, folder)
     say(f"[vlm] saved {folder}: " + ", ".join(f"{k} {v:.3f}" for k, v in log.items() if isinstance(v, float)))
@@ -535,14 +537,9 @@ def table(summary: list[dict]) -> str:
 
 
 def _commit() -> str:
-    try:
-        c = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                           check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return c + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The commit for the file name: _bench.git_commit() (VLPET_COMMIT first), shortened, "-dirty" kept."""
+    sha, _, rest = git_commit().partition("-")
+    return sha[:7] + ("-" + rest if rest else "")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -569,9 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
     folder, log = build_vlm(cache, s, data)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
-    if tok is None:
-        raise RuntimeError(f"{folder}: no tokenizer saved")
+    tok = AutoTokenizer.from_pretrained(folder)  # build_vlm saved it with the model
     rows = [run_row(folder, tok, data, s, log, ZERO_SHOT, "full", None, s.seed, 0)]
     # the floor a question-only model reaches (easy-VQA's yes/no answers follow the template)
     rows.append({"row": TEXT_PRIOR, "preset": None, "value_positions": None, "seed": s.seed, "steps": 0,
