@@ -131,6 +131,15 @@ def shrink(method, r: int | None = 16, r_g: int | None = 8, r_vpa: int | None = 
     return dataclasses.replace(method, modules=tuple(modules))
 
 
+def online_subprocess_env() -> dict:
+    """The environment of a `python -m vlpet...` subprocess as a user has it: no offline variable set
+    (HF_HUB_OFFLINE*, TRANSFORMERS_OFFLINE removed), this checkout's src first on the path, one thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_OFFLINE") and k != "TRANSFORMERS_OFFLINE"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
 @torch.no_grad()
 def perturb(model, scale: float = 0.2, seed: int = 1234, only_trainable: bool = True) -> None:
     """Add seeded noise to the trainable tensors, so that zero-inits, LN identities and σ(0) = 0.5

@@ -9,18 +9,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import online_subprocess_env
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_OFFLINE") and k != "TRANSFORMERS_OFFLINE"}
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+_env = online_subprocess_env  # no offline variable: what a user runs
 
 
 def _vlpet(*args, stdout=subprocess.PIPE, timeout=60):

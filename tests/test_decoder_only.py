@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import conftest
 from conftest import trainer_run
 
 from vlpet import decoder_only
@@ -103,11 +104,7 @@ def batch(family, b=2, seed=1):
 
 def perturb(model, std=0.2, seed=3):
     """Random values in every trainable tensor, so that gates and adapters are not at their init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * std)
+    conftest.perturb(model, scale=std, seed=seed)
 
 
 GEN = {"do_sample": False, "num_beams": 1, "suppress_tokens": [IMAGE, 101, 102, 103], "eos_token_id": None}

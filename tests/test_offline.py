@@ -5,13 +5,11 @@ to work offline, and a broken config.json is reported as a config problem naming
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
@@ -19,8 +17,7 @@ from vlpet.backbones import loading
 from vlpet.backbones.loading import (BUILTIN_BACKBONES, N_EXTRA_IDS, load_backbone, load_tokenizer,
                                      vocab_size_after_extension)
 from vlpet.errors import ConfigError
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+from conftest import online_subprocess_env
 
 
 @pytest.mark.parametrize("name", [n for n, e in BUILTIN_BACKBONES.items() if e.vocab_after_extension])
@@ -54,11 +51,7 @@ def test_stand_in_tokenizer_fits_the_builtin(name, tmp_path):
     assert again(text)["input_ids"] == ids and len(again) == len(tok)
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+_env = online_subprocess_env  # no offline variable: what a user runs
 
 
 GUARD = textwrap.dedent("""
