@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from decoder_only_fixtures import make_tiny_idefics3, make_tiny_llava, make_tiny_paligemma, make_tiny_qwen2_vl
-from vlm_fixtures import VisionCalls, interrupt_training_after
+from vlm_fixtures import VisionCalls, interrupt_training_after, wrap_micro_step
 
 from vlpet.cli import main
 from vlpet.data import build_dataset, make_image_fixture, open_image
@@ -235,21 +235,16 @@ def _train(folder, fx, out, *extra):
 
 def _train_recording(folder, fx, out, vision_class):
     """`vlpet train` with every step's (task, images through the vision tower, examples, loss, epoch) recorded."""
-    from vlpet.train.loop import Trainer
-
-    steps, original = [], Trainer._train_micro_step
+    steps = []
     with VisionCalls(vision_class) as calls:
-        def step(self, batch):
+        def step(original, self, batch):
             before = calls.images
             value = original(self, batch)
             steps.append((batch["task"], calls.images - before, len(batch["question_ids"]), value, batch["epoch"]))
             return value
 
-        Trainer._train_micro_step = step
-        try:
+        with wrap_micro_step(step):
             assert _train(folder, fx, out) == 0
-        finally:
-            Trainer._train_micro_step = original
     return steps
 
 

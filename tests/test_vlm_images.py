@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from vlm_fixtures import (VisionCalls, interrupt_training_after, make_tiny_blip2, make_tiny_florence2,
-                          make_tiny_instructblip)
+                          make_tiny_instructblip, wrap_micro_step)
 
 from vlpet.cli import main
 from vlpet.data import (DataError, ImageFeatureCache, NativeCollator, TaskBatchLoader, build_dataset,
@@ -181,24 +181,18 @@ def _train(florence_dir, fx, out, cache_dir, *extra):
 
 @pytest.fixture(scope="module")
 def run(florence_dir, fx, tmp_path_factory):
-    from vlpet.train.loop import Trainer
-
     root = tmp_path_factory.mktemp("vlm_run")
     during_steps = []
-    original = Trainer._train_micro_step
 
     with VisionCalls("Florence2VisionBackbone") as calls:
-        def step(self, batch):
+        def step(original, self, batch):
             before = calls.images
             value = original(self, batch)
             during_steps.append(calls.images - before)
             return value
 
-        Trainer._train_micro_step = step
-        try:
+        with wrap_micro_step(step):
             rc = _train(florence_dir, fx, root / "run", root / "cache", "--epochs", "3")
-        finally:
-            Trainer._train_micro_step = original
     assert rc == 0
     return root, calls.images, during_steps
 
@@ -235,22 +229,17 @@ def florence_processor(root):
 
 
 def test_without_the_cache_the_vision_tower_runs_every_step(florence_dir, fx, tmp_path):
-    from vlpet.train.loop import Trainer
-
-    seen, original = [], Trainer._train_micro_step
+    seen = []
     with VisionCalls("Florence2VisionBackbone") as calls:
-        def step(self, batch):
+        def step(original, self, batch):
             before = calls.images
             value = original(self, batch)
             seen.append((calls.images - before, len(batch["question_ids"]), "pixel_values" in batch))
             return value
 
-        Trainer._train_micro_step = step
-        try:
+        with wrap_micro_step(step):
             rc = _train(florence_dir, fx, tmp_path / "run", tmp_path / "cache", "--max-steps", "4", "--no-eval",
                         "--no-test", "--no-image-cache")
-        finally:
-            Trainer._train_micro_step = original
     assert rc == 0 and len(seen) == 4
     assert all(n_calls == n and pixels for n_calls, n, pixels in seen)
     assert not (tmp_path / "cache").exists()
@@ -321,24 +310,19 @@ def test_evaluate_and_predict_a_split_of_a_vlm_run(run, fx, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["blip-2", "instructblip"])
 def test_train_from_images_on_blip2_and_instructblip(kind, fx, tmp_path):
-    from vlpet.train.loop import Trainer
-
     folder = (make_tiny_blip2 if kind == "blip-2" else make_tiny_instructblip)(tmp_path / "model")
-    losses, original = {}, Trainer._train_micro_step
+    losses = {}
 
-    def step(self, batch):
+    def step(original, self, batch):
         value = original(self, batch)
         losses.setdefault(batch["task"], []).append(value)
         return value
 
-    Trainer._train_micro_step = step
-    try:
+    with wrap_micro_step(step):
         rc = main(["train", "--backbone", str(folder), "--data-root", str(fx.data.root), "--image-root",
                    str(fx.image_root), "--output", str(tmp_path / "run"), "--batch-size", "6", "--lr", "3e-2",
                    "--epochs", "2", "--no-eval", "--no-test", "--device", "cpu", "--no-progress",
                    "--image-cache-dir", str(tmp_path / "cache")])
-    finally:
-        Trainer._train_micro_step = original
     assert rc == 0 and (tmp_path / "run" / "adapter-last" / "adapter_model.safetensors").is_file()
     for task in ("gqa", "nlvr", "caption"):
         assert losses[task][-1] < losses[task][0] - 1.0, (task, losses[task])
@@ -346,22 +330,17 @@ def test_train_from_images_on_blip2_and_instructblip(kind, fx, tmp_path):
 
 def test_hyperformer_trains_and_evaluates_from_images(florence_dir, fx, tmp_path):
     # hyperformer's adapters read the task embedding: every native forward / generate must pass the task
-    from vlpet.train.loop import Trainer
+    tasks = []
 
-    tasks, original = [], Trainer._train_micro_step
-
-    def step(self, batch):
+    def step(original, self, batch):
         tasks.append(batch["task"])
         return original(self, batch)
 
-    Trainer._train_micro_step = step
-    try:
+    with wrap_micro_step(step):
         rc = main(["train", "--backbone", str(florence_dir), "--method", "hyperformer", "--data-root",
                    str(fx.data.root), "--image-root", str(fx.image_root), "--output", str(tmp_path / "run"),
                    "--batch-size", "6", "--max-steps", "3", "--limit-eval", "6", "--no-test", "--device", "cpu",
                    "--no-progress", "--image-cache-dir", str(tmp_path / "cache")])
-    finally:
-        Trainer._train_micro_step = original
     assert rc == 0 and len(set(tasks)) >= 2
     assert (tmp_path / "run" / "adapter-last" / "adapter_model.safetensors").is_file()
 

