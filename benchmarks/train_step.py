@@ -594,10 +594,11 @@ def parse_args(argv=None):
 
         for m in args.methods:
             base, suffixes = B.split_suffixes(m)
-            if (base not in (*DECODER_PRESETS, "floor") or not suffixes <= {"rc", "compile"}) \
-                    and m != "plain-peft-lora":
+            allowed = {"compile"} if base == "plain-peft-lora" else {"rc", "compile"}
+            if base not in (*DECODER_PRESETS, "floor", "plain-peft-lora") or not suffixes <= allowed:
                 p.error(f"--methods: {m!r} is not offered on decoder-only VLMs; allowed: "
-                        f"{', '.join(DECODER_PRESETS)}, floor, plain-peft-lora (a preset may end in +rc, +compile or +rc+compile)")
+                        f"{', '.join(DECODER_PRESETS)}, floor, plain-peft-lora (a preset may end in +rc, +compile or "
+                        f"+rc+compile; plain-peft-lora in +compile)")
         return args
     args.methods = args.methods or list(DEFAULT_METHODS)
     for b in args.backbones:

@@ -563,3 +563,8 @@ def test_benchmark_tiny_smoke(tmp_path):
     assert 0 < rows["floor"]["trainable_percent"] < rows["vl-pet-large+rc"]["trainable_percent"]
     with pytest.raises(SystemExit):  # --recompute is for the VL-BART / VL-T5 matrix; here rows say +rc
         train_step.parse_args(["--backbones", "smolvlm-2b", "--recompute", "on"])
+    # PEFT's row may be compiled (a compiled-against-compiled ratio), but it has no PET module to recompute
+    assert train_step.parse_args(["--backbones", "smolvlm-2b", "--methods",
+                                  "plain-peft-lora+compile"]).methods == ["plain-peft-lora+compile"]
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--backbones", "smolvlm-2b", "--methods", "plain-peft-lora+rc"])
