@@ -266,6 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", type=B.csv_list, default=["floor", "vl-pet-large", "vl-pet-large+rc"],
                    help="floor first: the difference column is taken against it")
     p.add_argument("--compile", action="store_true", help="torch.compile, mode default (no CUDA graphs)")
+    p.add_argument("--memory-budget", type=float, default=None,
+                   help="with --compile: torch._functorch.config.activation_memory_budget (lower recomputes more)")
     p.add_argument("--batch", type=int, default=None, help="default: the paper batch (500 BART, 300 T5)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -278,10 +280,16 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     args.frozen_dtype, args.loss_path = "auto", "decoder-ids"
+    if args.memory_budget is not None:
+        if not args.compile:
+            p.error("--memory-budget needs --compile (it steers the compiled backward's recomputation)")
+        import torch._functorch.config as fconfig
+
+        fconfig.activation_memory_budget = args.memory_budget
     device = B.pick_device(args.device)
     B.cpu_threads_for_tiny(device, args.tiny)
     env = B.environment(device, {**B.configure_tf32(device, True), "compile": args.compile,
-                                 "compile_mode": "default", "steps": args.steps, "warmup": args.warmup,
+                                 "compile_mode": "default", "memory_budget": args.memory_budget, "steps": args.steps, "warmup": args.warmup,
                                  "profile_steps": args.profile_steps, "tiny": args.tiny})
     data = {"benchmark": "pet_profile", "meta": env, "results": {}, "errors": {}}
     writer = B.ResultWriter("pet_profile", env, B.output_folders(args), tag=("-tiny" if args.tiny else "") + args.tag)
