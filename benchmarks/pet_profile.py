@@ -72,8 +72,9 @@ def pet_widths(model) -> set[int]:
 
 
 def backbone_dims(model) -> set[int]:
-    """Every size of the frozen backbone's weight matrices (a GEMM touching only these is the backbone's)."""
-    return {d for n, p in model.backbone.named_parameters() if p.dim() == 2 for d in p.shape}
+    """Every size of the frozen backbone's weight matrices (a GEMM touching only these is the backbone's);
+    the PET modules sit inside the backbone, so only frozen tensors count."""
+    return {d for p in model.backbone.parameters() if p.dim() == 2 and not p.requires_grad for d in p.shape}
 
 
 def classify_gemm(shapes, pet: set[int], frozen: set[int]) -> str:

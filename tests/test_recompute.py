@@ -236,3 +236,65 @@ def test_case_table_covers_every_gate_kind():
 
     kinds = {_method(c, "bart").modules[0].gate.kind for c in CASES}
     assert kinds == set(gate_kinds())
+
+
+@pytest.mark.parametrize("arch", ("bart", "t5"))
+def test_recompute_defers_the_attention_output_projection(build, one_thread, arch):
+    """With recompute on, an attention sub-layer's H = W_o · O is computed inside the recomputed region: after
+    the forward, no H of a gated attention sub-layer is alive (the stored path keeps each one); the model's
+    state-dict keys and values do not change, loading works, and switching off puts the projection back."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef  # a weak reference to the C++ storage
+
+    from vlpet.placement import DeferredProjection
+
+    model = _model(build, arch, "large")
+    batch, labels = _inputs(arch)
+    gated = [m for m in model.modules() if isinstance(m, GatedSublayer)]
+    attn = [m for m in gated if m.out_proj_path is not None]
+    assert attn and len(attn) < len(gated)  # the attention sub-layers, not the FFNs
+    projections = [m.base_layer.get_submodule(m.out_proj_path) for m in attn]
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = _step(model, batch, labels)
+
+    alive = []
+    for proj in projections:
+        proj.register_forward_hook(lambda mod, args, out: alive.append(StorageWeakRef(out.untyped_storage())))
+
+    def h_alive_after_forward():
+        alive.clear()
+        out = model(**batch, labels=labels, return_loss=False, task="vqa")
+        loss = task_loss(out.logits, labels)
+        gc.collect()
+        n = sum(not r.expired() for r in alive[:len(projections)])
+        loss.backward()
+        return n
+
+    assert h_alive_after_forward() == len(projections)  # stored path: every H kept for the backward
+    set_recompute(model, True)
+    assert all(isinstance(m._deferred, DeferredProjection) for m in attn)
+    assert all(m._deferred is None for m in gated if m not in attn)
+    assert h_alive_after_forward() == 0
+    _assert_same(ref, _step(model, batch, labels))
+    sd = model.state_dict()
+    assert sd.keys() == keys.keys() and all(torch.equal(sd[k], keys[k]) for k in keys)
+    model.load_state_dict(keys)  # strict: the keys of the plain projection load into the deferred one
+    with torch.no_grad(), model.disable_adapters():
+        plain_on = model(**batch, labels=labels, return_loss=False, task="vqa").logits
+    set_recompute(model, False)
+    assert [m.base_layer.get_submodule(m.out_proj_path) for m in attn] == projections
+    with torch.no_grad(), model.disable_adapters():
+        assert torch.equal(plain_on, model(**batch, labels=labels, return_loss=False, task="vqa").logits)
+
+
+def test_recompute_leaves_a_trainable_output_projection_in_place(build, one_thread):
+    """A projection with trainable tensors (here its bias, as BitFit trains it) is not moved: its
+    parameter names, which a checkpoint stores, stay the same."""
+    model = _model(build, "bart", "large")
+    attn = [m for m in model.modules() if isinstance(m, GatedSublayer) and m.out_proj_path is not None]
+    attn[0].base_layer.get_submodule(attn[0].out_proj_path).bias.requires_grad_(True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    set_recompute(model, True)
+    assert attn[0]._deferred is None and all(m._deferred is not None for m in attn[1:])
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == names

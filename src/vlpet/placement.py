@@ -55,7 +55,7 @@ class GatedSublayer(nn.Module):
     """Replaces a sub-layer's output H by the PET module's H_new (before dropout and residual)."""
 
     def __init__(self, base_layer: nn.Module, pet: GatedModification, output_index: int | None,
-                 slot: _Slot | None, ctx: JointContext, parallel: bool = False):
+                 slot: _Slot | None, ctx: JointContext, parallel: bool = False, out_proj: str | None = None):
         super().__init__()
         self.base_layer = base_layer
         self.pet = pet
@@ -63,16 +63,21 @@ class GatedSublayer(nn.Module):
         self._slot = slot
         self._ctx = [ctx]
         self.parallel = parallel
+        # issue 19: the path (inside base_layer) of the sub-layer's last projection, whose output is H; with
+        # recompute on, vlpet.recompute defers it into the recomputed region (`_deferred`)
+        self.out_proj_path = out_proj
+        self._deferred: DeferredProjection | None = None
 
     disabled = False  # VLModel.disable_adapters: the plain sub-layer
 
     def forward(self, *args, **kwargs):
         out = self.base_layer(*args, **kwargs)
+        # with a deferred output projection, base_layer gave that projection's input O, not H
+        h = out if self.output_index is None else out[self.output_index]
         if self.disabled:
             if self._slot is not None:
                 self._slot.x = None
-            return out
-        h = out if self.output_index is None else out[self.output_index]
+            return out if self._deferred is None else self._replace(out, self._deferred.inner(h))
         if self._slot is not None:
             x, self._slot.x = self._slot.x, None
         else:
@@ -80,12 +85,68 @@ class GatedSublayer(nn.Module):
         ctx = self._ctx[0]
         mask = ctx.mask if ctx.active else None
         # issue 19: run_pet recomputes the PET module in the backward when self.pet_recompute is set
-        new = run_pet(self, self.pet.forward_parallel if self.parallel else self.pet, h, x, mask)
+        fn = self._project_then_pet if self._deferred is not None else self._pet_fn()
+        return self._replace(out, run_pet(self, fn, h, x, mask))
+
+    def _pet_fn(self):
+        return self.pet.forward_parallel if self.parallel else self.pet
+
+    def _project_then_pet(self, o, x, mask):
+        return self._pet_fn()(self._deferred.inner(o), x, mask)
+
+    def _replace(self, out, new):
         if self.output_index is None:
             return new
         out = list(out)
         out[self.output_index] = new
         return tuple(out)
+
+    def defer_output_projection(self, enabled: bool) -> bool:
+        """Move the sub-layer's last projection into the recomputed PET region (True) or back (False).
+
+        The backward then keeps the projection's input O instead of its output H; for an attention
+        sub-layer O is the attention output, which the attention's own backward keeps anyway, so H no
+        longer costs memory, at one more projection in the backward. A projection with trainable
+        tensors (LoRA, BitFit biases) stays where it is: its parameter names must not move. Returns
+        whether the projection is deferred now."""
+        if self.out_proj_path is None:
+            return False
+        current = self.base_layer.get_submodule(self.out_proj_path)
+        if enabled and self._deferred is None:
+            if any(p.requires_grad for p in current.parameters()):
+                return False
+            deferred = DeferredProjection(current)
+            set_module(self.base_layer, self.out_proj_path, deferred)
+            object.__setattr__(self, "_deferred", deferred)  # a reference, not a second registered child
+        elif not enabled and self._deferred is not None:
+            set_module(self.base_layer, self.out_proj_path, self._deferred.inner)
+            object.__setattr__(self, "_deferred", None)
+        return self._deferred is not None
+
+
+class DeferredProjection(nn.Module):
+    """Stands where a gated sub-layer's output projection was: passes its input through, so that the
+    GatedSublayer applies the projection (`inner`) inside the recomputed region (issue 19). State-dict
+    keys are those of the projection itself, as if it were not wrapped."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self._register_state_dict_hook(_plain_keys)
+        self._register_load_state_dict_pre_hook(_inner_keys)
+
+    def forward(self, o, *args, **kwargs):
+        return o
+
+
+def _plain_keys(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + "inner.")]:
+        state_dict[prefix + key[len(prefix) + len("inner."):]] = state_dict.pop(key)
+
+
+def _inner_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "inner.")]:
+        state_dict[prefix + "inner." + key[len(prefix):]] = state_dict.pop(key)
 
 
 def make_delta(spec: ModuleSpec, d_model: int, d_out: int | None = None) -> nn.Module | None:
@@ -173,7 +234,11 @@ def _place_sublayer(layer, arch, placement, spec, d_model, ctx):
     if needs_x and sub.capture is not None:
         slot = _Slot()
         set_module(layer, sub.capture, CaptureInput(get_module(layer, sub.capture), slot))
-    set_module(layer, sub.wrap, GatedSublayer(base, pet, sub.output_index, slot, ctx, spec.mode == "parallel"))
+    # an attention sub-layer's output projection (arch.projections' "<placement>.o"), relative to the wrapped module
+    proj = arch.projections.get(f"{placement}.o")
+    out_proj = proj[len(sub.wrap) + 1:] if proj and proj.startswith(sub.wrap + ".") else None
+    set_module(layer, sub.wrap, GatedSublayer(base, pet, sub.output_index, slot, ctx, spec.mode == "parallel",
+                                              out_proj))
     return pet
 
 

@@ -9,6 +9,12 @@ sub-layer's input, which the backbone keeps anyway), and the bottlenecks, up-pro
 gated product run again in the backward. The recomputed forward is the same code on the same
 inputs, so outputs and gradients equal the stored path's (tests/test_recompute.py).
 
+An attention sub-layer's H is the output of its last projection W_o, whose input O (the attention
+output) the attention's own backward keeps anyway. With recompute on, that projection moves into the
+recomputed region too (`GatedSublayer.defer_output_projection`): the region's input is O instead of H,
+so H is not kept either, at one [tokens x D] x [D x D] product more in the backward. (The FFN's last
+projection is left out: its input is the FFN's wide hidden activation, which the frozen FFN does not keep.)
+
 It wraps any callable, so it does not depend on the gate kind or on how the PET module is written:
 `GatedSublayer.forward` and `ParallelLinear.forward` call `run_pet(self, fn, *args)`, which checks
 the owner's `pet_recompute` flag. Switch it per model with `set_recompute(model, True)`.
@@ -59,10 +65,14 @@ def set_recompute(model: nn.Module, enabled: bool = True) -> int:
         # its prefix mean reads the PrefixState of the VLModel call, which is cleared before the backward
         raise ConfigError("set_recompute: the causal G_small of a decoder-only VLM cannot be recomputed in the "
                           "backward; use another granularity (vl-pet-large / -middlex / -middley) or no recompute")
+    from .placement import GatedSublayer
+
     n = 0
-    for m in _owners(model):
+    for m in list(_owners(model)):
         m.pet_recompute = bool(enabled)
         m._pet_recompute_rng = _has_randomness(m.pet if hasattr(m, "pet") else m.delta)
+        if isinstance(m, GatedSublayer):
+            m.defer_output_projection(bool(enabled))
         n += 1
     return n
 
