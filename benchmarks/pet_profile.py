@@ -219,11 +219,6 @@ def profile_config(backbone: str, method: str, args, device) -> dict:
            "kernels_by_category_ms": dict(sorted(cats.items())), "memory": mem,
            "trainable_percent": 100 * trainable / total, "pet_widths": sorted(pet_widths(model)),
            "compile": args.compile}
-    del model, opt, fwd, batch, prof
-    if args.compile:
-        torch._dynamo.reset()
-    gc.collect()
-    B.reset_memory(device)
     return rec
 
 
@@ -305,6 +300,11 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - one failed config must not lose the others
                 data["errors"][f"{backbone}/{method}"] = f"{type(exc).__name__}: {str(exc)[:500]}"
                 B.log(f"[error] {backbone}/{method}: {traceback.format_exc()}")
+            # the config's model, optimizer and compiled graphs are gone with its frame: free them now
+            if args.compile:
+                torch._dynamo.reset()
+            gc.collect()
+            B.reset_memory(device)
             writer.write(data)
     print(report(data))
     return 0
