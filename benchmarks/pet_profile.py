@@ -42,13 +42,15 @@ import _bench as B  # noqa: E402
 import train_step as TS  # noqa: E402
 
 MM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
-# kernel-name fragments -> category; the first match wins (GEMM before the element-wise fragments,
-# since cuBLAS kernel names can contain "elementwise" in their epilogue description)
+# kernel-name fragments -> category; the first match wins: inductor's kernels first (their names spell the
+# fused ops, e.g. "..._attention_backward_0"), the gradient norm's foreach kernel before the optimizer's, GEMM
+# before the element-wise fragments (cuBLAS names can mention "elementwise" in their epilogue)
 CATEGORIES = (
+    ("triton fused", ("triton_",)),
+    ("gradient norm", ("lpnorm", "norm_kernel")),
     ("optimizer", ("multi_tensor", "fused_adam", "adamw", "fusedadam")),
     ("attention", ("fmha", "flash", "attention", "cutlass_sm80_attn", "pytorch_flash")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "sm80_", "wgmma")),
-    ("triton fused", ("triton_",)),
     ("aten reduction", ("reduce_kernel", "softmax", "norm", "cross_entropy", "nll_loss", "logsoftmax")),
     ("aten element-wise", ("elementwise", "vectorized", "unrolled", "index", "scatter", "gather", "cat", "fill")),
     ("copy / memset", ("memcpy", "memset", "copy")),

@@ -18,6 +18,9 @@ import pet_profile as PP  # noqa: E402
     ("triton_poi_fused_add_mul_sigmoid_0", "triton fused"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "aten element-wise"),
     ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<1>, "
+     "LpNormFunctor<c10::BFloat16, NormType::L2, float, float>, float*, int>", "gradient norm"),
+    ("triton_poi_fused__scaled_dot_product_efficient_attention_backward_0", "triton fused"),
     ("Memcpy DtoD (Device -> Device)", "copy / memset"),
 ])
 def test_kernel_categories(name, cat):

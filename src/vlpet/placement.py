@@ -107,7 +107,8 @@ class GatedSublayer(nn.Module):
         The backward then keeps the projection's input O instead of its output H; for an attention
         sub-layer O is the attention output, which the attention's own backward keeps anyway, so H no
         longer costs memory, at one more projection in the backward. A projection with trainable
-        tensors (LoRA, BitFit biases) stays where it is: its parameter names must not move. Returns
+        tensors (LoRA, BitFit biases) stays where it is: its parameter names must not move (decided when
+        recompute is switched on: make a projection trainable before `set_recompute`, not after). Returns
         whether the projection is deferred now."""
         if self.out_proj_path is None:
             return False
@@ -234,8 +235,9 @@ def _place_sublayer(layer, arch, placement, spec, d_model, ctx):
     if needs_x and sub.capture is not None:
         slot = _Slot()
         set_module(layer, sub.capture, CaptureInput(get_module(layer, sub.capture), slot))
-    # an attention sub-layer's output projection (arch.projections' "<placement>.o"), relative to the wrapped module
-    proj = arch.projections.get(f"{placement}.o")
+    # an attention sub-layer's output projection (arch.projections' "<placement>.o"), relative to the wrapped
+    # module: deferred into the recomputed region where the attention keeps its output O anyway
+    proj = arch.projections.get(f"{placement}.o") if arch.attention_keeps_output else None
     out_proj = proj[len(sub.wrap) + 1:] if proj and proj.startswith(sub.wrap + ".") else None
     set_module(layer, sub.wrap, GatedSublayer(base, pet, sub.output_index, slot, ctx, spec.mode == "parallel",
                                               out_proj))

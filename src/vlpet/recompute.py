@@ -10,10 +10,12 @@ gated product run again in the backward. The recomputed forward is the same code
 inputs, so outputs and gradients equal the stored path's (tests/test_recompute.py).
 
 An attention sub-layer's H is the output of its last projection W_o, whose input O (the attention
-output) the attention's own backward keeps anyway. With recompute on, that projection moves into the
-recomputed region too (`GatedSublayer.defer_output_projection`): the region's input is O instead of H,
-so H is not kept either, at one [tokens x D] x [D x D] product more in the backward. (The FFN's last
-projection is left out: its input is the FFN's wide hidden activation, which the frozen FFN does not keep.)
+output) a fused attention kernel's backward keeps anyway. With recompute on, that projection moves into
+the recomputed region too (`GatedSublayer.defer_output_projection`, where `ArchSpec.attention_keeps_output`):
+the region's input is O instead of H, so H is not kept either, at one [tokens x D] x [D x D] product more
+in the backward. (The FFN's last projection is left out: its input, the wide activation after the GELU
+and dropout, is not what the frozen FFN keeps, which is fc1's output before them; deferring fc2 alone
+would keep a tensor four times the size of H.)
 
 It wraps any callable, so it does not depend on the gate kind or on how the PET module is written:
 `GatedSublayer.forward` and `ParallelLinear.forward` call `run_pet(self, fn, *args)`, which checks

@@ -38,6 +38,11 @@ class ArchSpec:
     text_only_positions: str | None = None
     text_only_norm: str | None = None
     relative_bias: str | None = None  # embedding whose output is the [q, k, heads] bias
+    # Whether the attention's own backward keeps its output O (the fused SDPA kernels do). Then, with the PET
+    # activations recomputed (vlpet.recompute), an attention sub-layer's output projection moves into the
+    # recomputed region and H = W_o·O is not stored. False for T5: its position bias runs the unfused
+    # attention, whose backward keeps the probabilities, not O, so the move would save nothing.
+    attention_keeps_output: bool = True
     norm: str = "layernorm"  # "layernorm" (with bias) or "rms" (T5: weight only, no mean)
     norm_eps: float = 1e-5
     # Initialisation the official code gives new modules (spec §1.4): "normal" = N(0, init_std)
@@ -136,6 +141,7 @@ T5 = ArchSpec(
     },
     projections=_t5_projections(),
     relative_bias="encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+    attention_keeps_output=False,
     norm="rms",
     norm_eps=1e-6,
     init="torch",
