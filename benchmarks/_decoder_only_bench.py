@@ -177,7 +177,7 @@ def run(args, device, data: dict, writer) -> None:
                                "image_tokens": image_tokens(cfg), "prompt_len": PROMPT_LEN, "target_len": TARGET_LEN,
                                "loss": B.rnd(float(step()), 4)}
                 B.log(f"[ok] {key}: {per[method]}")
-                del model, opt, params, loss_fn
+                model = opt = params = loss_fn = None  # noqa: F841 - free the config before the next one
             except Exception as exc:  # noqa: BLE001 - a failed config is reported, the others still run
                 data["errors"][key] = f"{type(exc).__name__}: {str(exc)[:500]}"
                 B.log(f"[error] {key}: {exc}")
