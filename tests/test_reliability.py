@@ -699,3 +699,35 @@ def test_sources_only_load_safely():
             problems += [f"{path.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
     assert not problems, problems
     assert re.search(r"torch\.load\(", (src / "checkpoint.py").read_text())  # the audit sees the calls
+
+
+# ------------------------------------------------------------------------------------------------
+# `--recompute` (issue 19): the same training, with the PET activations recomputed in the backward
+# ------------------------------------------------------------------------------------------------
+def test_recompute_flag_trains_the_same_adapter(assets, reference, tmp_path, monkeypatch):
+    import vlpet.recompute as rc
+    from vlpet.cli import main
+
+    regions = []
+    real = rc.checkpoint
+    monkeypatch.setattr(rc, "checkpoint", lambda *a, **k: regions.append(1) or real(*a, **k))
+    run = tmp_path / "run"
+    assert main(train_args(assets, run, "--recompute")) == 0
+    assert regions  # the PET modules really ran under the recompute
+    ref, got = loss_log(reference), loss_log(run)
+    assert len(got) == len(ref)
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    ta, tb = tensors(reference / "adapter-last"), tensors(run / "adapter-last")
+    assert ta.keys() == tb.keys()  # the recompute's W_o move leaves the saved names alone
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_flag_on_a_method_without_pet_modules(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = cli(capsys, train_args(assets, out, "--method", "bitfit", "--recompute"))
+    assert_one_line_error(rc, err, "train", "--recompute", "bitfit")
+    assert not out.exists()

@@ -88,6 +88,7 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs (fixed shapes pay off)
     memory_budget: float | None = None  # with compile: activation memory budget in (0, 1]; lower recomputes more
+    recompute: bool = False  # PET activations recomputed in the backward (vlpet.recompute): less memory, a bit slower
     sdpa: str = "efficient-first"  # attention kernel order (vlpet.backbones.attention); "default": PyTorch's
     frozen_dtype: str = "auto"  # auto: the frozen backbone is stored in bf16 when precision is bf16 (frozen_precision)
     method_overrides: dict = field(default_factory=dict)
@@ -310,6 +311,12 @@ class Trainer:
         from ..data.sampler import MultitaskLoader
 
         cfg = self.cfg
+        if cfg.recompute:  # before the optimizer and the compile wrappers see the model
+            from ..recompute import set_recompute
+
+            if not set_recompute(self.model, True):
+                raise ConfigError(f"--recompute: method {self.model.method.name!r} places no PET module to recompute "
+                                  f"(it is for the adapter / VL-PET methods)")
         pad = self.tokenizer.pad_token_id
         self.loaders = {t: TaskBatchLoader(ds, sizes[t], seed=cfg.seed, pad_id=pad, task=t, collate_fn=collate_fn)
                         for t, ds in train_sets.items()}
