@@ -47,7 +47,8 @@ STATE_NAME = "trainer_state.pt"
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings that may differ between an interrupted run and its resumption (a moved run folder resumes too).
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "num_workers", "eval_test", "debug", "output",
-                     "image_cache", "image_cache_dir"}  # the cache changes where features come from, not what they are
+                     "image_cache", "image_cache_dir",  # the cache changes where features come from, not what they are
+                     "recompute"}  # the same forward run again in the backward (a run short of memory may add it)
 
 
 @dataclass
