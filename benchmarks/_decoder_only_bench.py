@@ -105,37 +105,34 @@ def build(backbone: str, cfg, method: str, device):
 
         hf.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
         model = get_peft_model(hf, LoraConfig(**LORA))
-        # +compile: PEFT's model through torch.compile too, for a compiled-against-compiled comparison
-        peft_fwd = torch.compile(model) if "compile" in suffixes else model
 
         def loss(b):
             ids = torch.cat([b["input_ids"], b["labels"]], 1)
             labels = torch.cat([torch.full_like(b["input_ids"], -100), b["labels"]], 1)
-            return peft_fwd(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=b["pixel_values"],
-                            labels=labels).loss
+            return fwd(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=b["pixel_values"],
+                       labels=labels).loss
     else:
         from vlpet.backbones.vlm import lm_width
         from vlpet.presets import get_preset
 
-        compiled, recompute = "compile" in suffixes, "rc" in suffixes
         if preset == "floor":  # what every method pays at least: no PET module, the backward runs the whole LM
             method_config = B.method_config("floor", "bart-base")
         else:
             method_config = get_preset(preset, "decoder", d_model=lm_width(cfg))
         model = VLModel(hf, method_config, None, backbone_name=backbone, native_inputs=True)
-        if recompute:  # issue 19: PET activations recomputed in the backward
+        if "rc" in suffixes:  # issue 19: PET activations recomputed in the backward
             from vlpet.recompute import set_recompute
 
             set_recompute(model, True)
         if device.type == "cuda":
             model.set_frozen_dtype(torch.bfloat16)
 
-        # +compile: torch.compile (inductor, default mode) of the whole vlpet model; compile time not timed
-        fwd = torch.compile(model) if compiled else model
-
         def loss(b):
             return fwd(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
                        pixel_values=b["pixel_values"]).loss
+    # +compile: the whole model (vlpet's, or PEFT's for a compiled-against-compiled ratio) through torch.compile,
+    # inductor default mode; compile time not timed
+    fwd = torch.compile(model) if "compile" in suffixes else model
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, loss
@@ -185,7 +182,6 @@ def run(args, device, data: dict, writer) -> None:
             B.reset_memory(device)
             update_ratios(data, backbone, precision, per)  # after every row: a run cut short keeps its ratios
             writer.write(data)
-        writer.write(data)
 
 
 def update_ratios(data: dict, backbone: str, precision: str, per: dict) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -48,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _bench import git_commit  # noqa: E402
+from vlpet.demo.pretrain import _digest  # noqa: E402  (the demo's cache keys, same hash)
+from vlpet.train.loop import seed_everything  # noqa: E402
 
 CODE_VERSION = 1  # bump when a change alters the data, the LM, the vision tower or the tuning
 
@@ -117,16 +118,6 @@ PAD, BOS, EOS = 1, 0, 2  # the demo tokenizer's ids (vlpet.demo.pretrain.SPECIAL
 
 def say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _pad(seqs, value, left=False) -> torch.Tensor:
@@ -295,7 +286,7 @@ def build_lm(cache: Path, s: Settings) -> tuple[Path, dict]:
     corpus = _load_corpus(cache, s.english_max_chars, say)
     tcfg = {**DEFAULT_TRAIN_CONFIG, "vocab_size": s.vocab_size, "english_max_chars": s.english_max_chars}
     tok, _, _ = _tokenizer_for(corpus, DEFAULT_MODEL_CONFIG, tcfg, tmp)
-    _seed_all(s.seed)
+    seed_everything(s.seed)
     lcfg = dict(vocab_size=len(tok) + 1, hidden_size=s.width, intermediate_size=s.ffn, num_hidden_layers=s.layers,
                 num_attention_heads=s.heads, num_key_value_heads=s.heads, max_position_embeddings=128,
                 pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False)  # + the image token
@@ -353,7 +344,7 @@ def build_vlm(cache: Path, s: Settings, data: dict) -> tuple[Path, dict]:
     # -- b. the LLaVA around it; stage 1: vision tower + projector (+ the LM unless s1_train_lm is off) caption
     # the train images
     t1 = time.perf_counter()
-    _seed_all(s.seed)
+    seed_everything(s.seed)
     vcfg = CLIPVisionConfig(hidden_size=s.v_width, intermediate_size=s.v_ffn, num_hidden_layers=s.v_layers,
                             num_attention_heads=s.v_heads, image_size=s.image_size, patch_size=s.patch,
                             projection_dim=s.v_width)
@@ -466,7 +457,7 @@ def run_row(folder, tok, data, s, log, name, preset, positions, seed, steps) -> 
     from vlpet.model import VLModel
     from vlpet.train.optim import build_optimizer, build_scheduler
 
-    _seed_all(seed)
+    seed_everything(seed)
     hf = LlavaForConditionalGeneration.from_pretrained(folder)
     kw = {"value_positions": positions} if positions else {}
     method = decoder_preset(preset, hf.config.text_config.hidden_size, **kw)
@@ -585,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict:
         "meta": {"command": "python benchmarks/decoder_only_easyvqa.py" + (" --quick" if a.quick else ""),
                  "quick": a.quick, "date": date, "commit": _commit(), "machine": platform.machine(),
                  "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                 "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                 "torch": torch.__version__, "transformers": transformers.__version__,
                  "python": platform.python_version(), "wall_s": round(time.perf_counter() - t_start, 1),
                  "data": data["root"], "vlm": str(folder)},
         "settings": dataclasses.asdict(s), "vlm_build": log, "summary": summary, "rows": rows, "table": text,

@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     for backbone in args.backbones:
         decoder = is_decoder_only(backbone)
         methods = args.methods or list(DECODER_METHODS if decoder else DEFAULT_METHODS)
-        base, done = None, []
+        base, start = None, len(rows)
         for method in methods:
             if decoder:
                 r = count_decoder(backbone, method, batch=2 if args.tiny else None, tiny=args.tiny)
@@ -200,9 +200,9 @@ def main(argv=None) -> int:
             r.update(backbone=backbone, method=method,
                      ratio_to_floor=round(r["tflop_per_step"] / base, 4) if base else None)
             rows.append(r)
-            done.append(r)
             print(f"| {backbone} | {r['batch']} | {method} | {r['tflop_per_step']:.3f} | "
                   f"{r['trainable_percent']:.2f} | {r['ratio_to_floor'] if r['ratio_to_floor'] else '-'} |", flush=True)
+        done = rows[start:]  # this backbone's rows
         peft = next((r for r in done if r["method"] == "plain-peft-lora"), None)
         if peft:
             for r in done:

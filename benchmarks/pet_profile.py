@@ -142,7 +142,7 @@ def profile_config(backbone: str, method: str, args, device) -> dict:
     fwd = torch.compile(model) if args.compile else model
     loss_fn = torch.compile(task_loss) if args.compile else task_loss
     dec = model.backbone.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    inv = None
+    pet = pet_widths(model)
 
     def forward():
         with B.autocast(device, precision):
@@ -161,8 +161,7 @@ def profile_config(backbone: str, method: str, args, device) -> dict:
 
     for _ in range(args.warmup):
         step()
-    B.sync(device)
-    times, _ = B.time_steps(step, args.steps, device)
+    times, _ = B.time_steps(step, args.steps, device)  # synchronises first
 
     # memory: steady state, what the forward leaves for the backward, the step's peak
     mem = {}
@@ -204,7 +203,7 @@ def profile_config(backbone: str, method: str, args, device) -> dict:
             if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
                 cats[kernel_category(e.key)] += e.self_device_time_total / 1e3 / n
         # the GEMM kernels, split into PET and backbone by the shapes of the op that launched them
-        pet, frozen = pet_widths(model), backbone_dims(model)
+        frozen = backbone_dims(model)
         split: dict[str, float] = defaultdict(float)
         for e in prof.events():
             if e.name in MM_OPS and e.device_type == torch.autograd.DeviceType.CPU:
@@ -219,7 +218,7 @@ def profile_config(backbone: str, method: str, args, device) -> dict:
     trainable, total = B.param_counts(model)
     rec = {"batch": bsz, "step_ms": s["median"], "kernel_ms": sum(cats.values()),
            "kernels_by_category_ms": dict(sorted(cats.items())), "memory": mem,
-           "trainable_percent": 100 * trainable / total, "pet_widths": sorted(pet_widths(model)),
+           "trainable_percent": 100 * trainable / total, "pet_widths": sorted(pet),
            "compile": args.compile}
     return rec
 
@@ -277,7 +276,6 @@ def main(argv=None) -> int:
     p.add_argument("--results-dir", default=None)
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
-    args.frozen_dtype, args.loss_path = "auto", "decoder-ids"
     if args.memory_budget is not None:
         if not args.compile:
             p.error("--memory-budget needs --compile (it steers the compiled backward's recomputation)")
@@ -305,8 +303,7 @@ def main(argv=None) -> int:
             # the config's model, optimizer and compiled graphs are gone with its frame: free them now
             if args.compile:
                 torch._dynamo.reset()
-            gc.collect()
-            B.reset_memory(device)
+            B.reset_memory(device)  # collects, then empties the CUDA cache
             writer.write(data)
     print(report(data))
     return 0

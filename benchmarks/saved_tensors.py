@@ -124,7 +124,8 @@ def origin(node: torch.fx.Node) -> str:
 def build(method: str, size: str):
     from vlpet.recompute import set_recompute
 
-    base, rc = (method[:-3], True) if method.endswith("+rc") else (method, False)
+    base, suffixes = B.split_suffixes(method)
+    rc = "rc" in suffixes
     if size == "tiny":
         m = B.build_vl("bart-base", base, tiny=True)
     else:
