@@ -142,19 +142,18 @@ class PrefixParallelLinear(_Bound, ParallelLinear):
 # The decoder-only presets are entries of the preset registry under family "decoder" (its settings,
 # with why they are so, are presets.FAMILIES["decoder"]); registered below, on the first lookup of that
 # family (presets.Family.module).
-DECODER = family_for("decoder")
 SELF_ATTN_FFN = ("encoder.self_attn", "encoder.ffn")
 VALUE = ("encoder.self_attn.v",)
 # Chosen because it is the paper's placement read literally (adapted values of the image + text the answer attends
 # to). Measured against "all" on the offline task (benchmarks/decoder_only_easyvqa.py, docs/decoder-only.md "Does
 # the mapping learn?"): within seed noise (all - prefix = +0.4 to +2.1 points over 3 seeds, 4 points of seed
 # spread), so the measurement did not decide it either way. The value itself is presets.FAMILIES["decoder"]'s.
-DEFAULT_VALUE_POSITIONS = DECODER.value_positions
+DEFAULT_VALUE_POSITIONS = family_for("decoder").value_positions
 
 
 def adapter_rank(d_model: int, multiple: int = 1) -> int:
-    """r = d/8: the BART family's 96 at width 768, scaled as every other preset size is."""
-    return scaled_size(96, d_model, multiple)
+    """r = d/8: the family's r (the BART family's 96 at width 768), scaled as every other preset size is."""
+    return scaled_size(family_for("decoder").r, d_model, multiple)
 
 
 def _gate_kind(g: str) -> str:

@@ -122,6 +122,10 @@ class MethodConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_overrides(self, overrides: dict[str, Any], source: str = "--method-overrides") -> "MethodConfig":
+        """This config with some top-level fields replaced (checked as `from_dict` checks a whole config)."""
+        return type(self).from_dict({**self.to_dict(), **overrides}, source)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "method config") -> "MethodConfig":
         try:

@@ -101,28 +101,26 @@ class GatedSublayer(nn.Module):
         out[self.output_index] = new
         return tuple(out)
 
-    def defer_output_projection(self, enabled: bool) -> bool:
+    def defer_output_projection(self, enabled: bool) -> None:
         """Move the sub-layer's last projection into the recomputed PET region (True) or back (False).
 
         The backward then keeps the projection's input O instead of its output H; for an attention
         sub-layer O is the attention output, which the attention's own backward keeps anyway, so H no
         longer costs memory, at one more projection in the backward. A projection with trainable
         tensors (LoRA, BitFit biases) stays where it is: its parameter names must not move (decided when
-        recompute is switched on: make a projection trainable before `set_recompute`, not after). Returns
-        whether the projection is deferred now."""
+        recompute is switched on: make a projection trainable before `set_recompute`, not after)."""
         if self.out_proj_path is None:
-            return False
+            return
         current = self.base_layer.get_submodule(self.out_proj_path)
         if enabled and self._deferred is None:
             if any(p.requires_grad for p in current.parameters()):
-                return False
+                return
             deferred = DeferredProjection(current)
             set_module(self.base_layer, self.out_proj_path, deferred)
             object.__setattr__(self, "_deferred", deferred)  # a reference, not a second registered child
         elif not enabled and self._deferred is not None:
             set_module(self.base_layer, self.out_proj_path, self._deferred.inner)
             object.__setattr__(self, "_deferred", None)
-        return self._deferred is not None
 
 
 class DeferredProjection(nn.Module):

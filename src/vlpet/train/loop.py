@@ -255,9 +255,7 @@ class Trainer:
         arch = arch_for(base.config.model_type)
         method = get_preset(cfg.method, arch.family, video=self.video)
         if cfg.method_overrides:
-            from ..method import MethodConfig
-
-            method = MethodConfig.from_dict({**method.to_dict(), **cfg.method_overrides}, "--method-overrides")
+            method = method.with_overrides(cfg.method_overrides)
         sizes, per_process = self._recipe(arch.family, use_prompts=method.task_prompts,
                                           official_gqa_typo=cfg.official_gqa_typo)
         train_sets = {t: build_dataset(t, "train", cfg.data_root, self.tokenizer, spec=self.specs[t], seed=cfg.seed,

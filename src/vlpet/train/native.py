@@ -68,8 +68,10 @@ def load_vlm(backbone: str, method, seed: int, overrides: dict | None = None, co
                           f"Qwen2-VL, PaliGemma) (or drop --image-root)")
     if backbone in BUILTIN_BACKBONES:  # random weights, no processor: refused before a (7B) build
         raise ConfigError(_NO_PROCESSOR.format(backbone=backbone))
-    if overrides:
-        method = resolve_vlm_method(method, overrides, config, arch)
+    if overrides:  # the preset as VLModel.build sizes it for this VLM, read from the config alone
+        from ..model import vlm_method
+
+        method = vlm_method(method, config, arch).with_overrides(overrides)
     model = VLModel.build(backbone, method, seed=seed)  # once: preset and overrides are resolved first
     if getattr(model, "processor", None) is None:
         raise ConfigError(_NO_PROCESSOR.format(backbone=backbone))
@@ -86,16 +88,6 @@ def _backbone_arch(backbone: str):
 
     config = load_backbone(backbone, meta=True).config  # a weightless meta build
     return config, arch_for(config.model_type, config)
-
-
-def resolve_vlm_method(method, overrides: dict, config, arch):
-    """The preset (sized as VLModel.build sizes it for this VLM) with the --method-overrides applied, read
-    from the backbone's config alone, so the VLM itself is built only once."""
-    from ..method import MethodConfig
-    from ..model import vlm_method
-
-    method = vlm_method(method, config, arch)
-    return MethodConfig.from_dict({**method.to_dict(), **overrides}, "--method-overrides")
 
 
 def build_native(trainer) -> None:
