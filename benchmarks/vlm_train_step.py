@@ -21,8 +21,12 @@ Methods:
   full                 vlpet full fine-tuning of the language model + projector (the vision part stays frozen)
   <method>+rc          a vlpet method with its PET activations recomputed in the backward (vlpet.recompute)
   <method>+compile     a vlpet method run through torch.compile (inductor, default mode; compile time not timed)
+  <method>+blocks      vlpet.compile.compile_blocks: each repeated block (layer, vision stage) compiled in place
+                       (regional compilation); also plain-peft-lora+blocks, the same on PEFT's model
+  <method>+cg          with +compile / +blocks: mode reduce-overhead (CUDA graphs)
 Figures: median step time over --steps after --warmup (synchronised wall clock), peak =
-torch.cuda.max_memory_allocated since a reset before the method's model is built (GiB).
+torch.cuda.max_memory_allocated since a reset before the method's model is built (GiB), first_step_s = the
+first (warm-up) step, which includes any compilation.
 """
 
 from __future__ import annotations
@@ -160,6 +164,7 @@ def sync(device):
 def make_step(method, kind, name, device, dtype, inputs, labels):
     """Returns (step function, trainable count, total count); builds the model for `method`."""
     from vlpet.backbones import vlm
+    from vlpet.compile import compile_blocks
 
     if method == "floor":
         model = build_plain(name, device, dtype)
@@ -178,13 +183,19 @@ def make_step(method, kind, name, device, dtype, inputs, labels):
             out.loss.backward()
         return step, 0, sum(p.numel() for p in model.parameters())
 
+    method, suffixes = split_suffixes(method)
+    mode = "reduce-overhead" if "cg" in suffixes else None
     if method == "plain-peft-lora":
         model = peft_lora(build_plain(name, device, dtype), kind)
+        if "blocks" in suffixes:
+            compile_blocks(model, mode=mode)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
         pix = inputs["pixel_values"].to(dtype)
 
         def step():
+            if mode:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(device, dtype):
                 out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=pix,
                             labels=labels, use_cache=False)
@@ -194,7 +205,6 @@ def make_step(method, kind, name, device, dtype, inputs, labels):
             opt.zero_grad(set_to_none=True)
         return step, sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
 
-    method, suffixes = split_suffixes(method)
     recompute = "rc" in suffixes  # issue 19: PET activations recomputed in the backward
     cached = method.endswith("-cached")
     model = build_vlpet(name, method.removesuffix("-cached"), device, dtype)
@@ -202,7 +212,9 @@ def make_step(method, kind, name, device, dtype, inputs, labels):
         from vlpet.recompute import set_recompute
 
         set_recompute(model, True)
-    run_model = torch.compile(model) if "compile" in suffixes else model  # inductor, default mode
+    run_model = torch.compile(model, mode=mode) if "compile" in suffixes else model  # inductor
+    if "blocks" in suffixes:
+        compile_blocks(model, mode=mode)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     kw = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
@@ -213,6 +225,8 @@ def make_step(method, kind, name, device, dtype, inputs, labels):
         kw["pixel_values"] = inputs["pixel_values"].to(dtype)
 
     def step():
+        if mode:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, dtype):
             out = run_model(**kw, labels=labels)
         out.loss.backward()
@@ -223,7 +237,7 @@ def make_step(method, kind, name, device, dtype, inputs, labels):
     return step, t, n
 
 
-SUFFIXES = ("rc", "compile")
+SUFFIXES = ("rc", "compile", "blocks", "cg")
 
 
 def measure(method, kind, name, device, dtype, b, size, steps, warmup):
@@ -242,8 +256,13 @@ def measure(method, kind, name, device, dtype, b, size, steps, warmup):
 
     inputs, labels = make_batch(config, kind, b, size, device, text_config(config).vocab_size)
     step, trainable, total = make_step(method, kind, name, device, dtype, inputs, labels)
+    first = None
     for _ in range(warmup):
+        sync(device)
+        t0 = time.perf_counter()
         step()
+        sync(device)
+        first = first if first is not None else time.perf_counter() - t0
     times = []
     for _ in range(steps):
         sync(device)
@@ -254,7 +273,8 @@ def measure(method, kind, name, device, dtype, b, size, steps, warmup):
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     return {"batch": b, "median_ms": round(1000 * statistics.median(times), 2),
             "samples_per_s": round(b / statistics.median(times), 2), "peak_gib": None if peak is None else round(peak, 2),
-            "trainable": trainable, "total": total, "percent": round(100 * trainable / total, 4)}
+            "trainable": trainable, "total": total, "percent": round(100 * trainable / total, 4),
+            "first_step_s": None if first is None else round(first, 1)}
 
 
 def run(args) -> dict:
@@ -304,23 +324,24 @@ def run(args) -> dict:
 
             shutil.rmtree(source, ignore_errors=True)  # the temporary tiny model folder
         if chosen:
-            def r(a, c, key):
-                x, y = rows.get(a, {}).get(key), rows.get(c, {}).get(key)
-                return round(x / y, 3) if x and y else None
-            data["ratios"][name] = {
-                "vl-pet-large / plain-peft-lora time": r("vl-pet-large", "plain-peft-lora", "median_ms"),
-                "vl-pet-large / plain-peft-lora memory": r("vl-pet-large", "plain-peft-lora", "peak_gib"),
-                "vl-pet-large-cached / plain-peft-lora time": r("vl-pet-large-cached", "plain-peft-lora", "median_ms"),
-                "targets": "vl-pet-large <= 0.85x time at <= 1.0x memory; vl-pet-large-cached <= 0.5x time"}
+            base = rows.get("plain-peft-lora", {})
+            ratios = {}
+            for method, row in rows.items():
+                for key, what in (("median_ms", "time"), ("peak_gib", "memory")):
+                    if method != "plain-peft-lora" and row.get(key) and base.get(key):
+                        ratios[f"{method} / plain-peft-lora {what}"] = round(row[key] / base[key], 3)
+            ratios["targets"] = "vl-pet-large <= 0.85x time at <= 1.0x memory; vl-pet-large-cached <= 0.5x time"
+            data["ratios"][name] = ratios
     return data
 
 
 def markdown(data) -> str:
-    lines = ["| backbone | batch | method | step ms | samples/s | peak GiB | trainable % |", "|---|---|---|---|---|---|---|"]
+    lines = ["| backbone | batch | method | step ms | samples/s | peak GiB | trainable % | first step s |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, res in data["results"].items():
         for method, row in res["methods"].items():
             lines.append(f"| {name} | {res['batch']} | {method} | {row['median_ms']} | {row['samples_per_s']} | "
-                         f"{row['peak_gib'] if row['peak_gib'] is not None else '-'} | {row['percent']} |")
+                         f"{row['peak_gib'] if row['peak_gib'] is not None else '-'} | {row['percent']} | {row.get('first_step_s')} |")
     for name, rat in data["ratios"].items():
         lines.append(f"\n{name}: " + ", ".join(f"{k} {v}" for k, v in rat.items() if k != "targets"))
     return "\n".join(lines)
@@ -346,11 +367,15 @@ def parse_args(argv=None):
 
     def known(m):
         base, suffixes = split_suffixes(m)
+        if "cg" in suffixes and not suffixes & {"compile", "blocks"}:
+            return False
+        if base == "plain-peft-lora":
+            return suffixes <= {"blocks", "cg"}
         return m in METHODS or (base in vlpet_methods and suffixes <= set(SUFFIXES))
     unknown = sorted(m for m in a.methods if not known(m))
     if unknown:
-        p.error(f"--methods: unknown {', '.join(unknown)}; allowed: {', '.join(METHODS)}, or a vlpet method with "
-                f"'+rc' and/or '+compile'")
+        p.error(f"--methods: unknown {', '.join(unknown)}; allowed: {', '.join(METHODS)}, a vlpet method with "
+                f"'+rc', '+compile' and/or '+blocks', plain-peft-lora+blocks; '+cg' with '+compile' or '+blocks'")
     return a
 
 

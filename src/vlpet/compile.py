@@ -1,0 +1,52 @@
+"""Regional compilation: `torch.compile` each repeated block of a model in place.
+
+A whole 3.9 B-parameter VLM compiled as one graph (BLIP-2 Flan-T5-XL) had not finished its first step after
+4.5 minutes on an H200 (issue 18). The blocks of a stack (transformer layers, vision stages) run the same code,
+so dynamo traces one block per distinct signature and reuses its graph for the others (since torch 2.5 the
+parameters of inlined modules are graph inputs, not constants): compile time is that of a few blocks.
+
+`Module.compile` swaps only the module's call path, so parameter names, state dicts, hooks and vlpet's PET
+wrappers (which sit inside the blocks and are compiled with them) are unchanged; the code between blocks
+(embeddings, image-token merge, loss) stays eager. Works on any model: a PEFT-wrapped one too.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["repeated_blocks", "compile_blocks"]
+
+
+def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost repeated blocks: the children of every `nn.ModuleList` that holds two or more modules of one
+    class (T5's `block`, BART's `layers`, a ViT's `layers`, Florence-2's DaViT `convs` and `blocks`), in module
+    order; a block's own inner lists are part of it."""
+    found: list[tuple[str, nn.Module]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, nn.ModuleList) and len(child) >= 2 and len({type(c) for c in child}) == 1:
+                found.extend((f"{path}.{i}", block) for i, block in enumerate(child))
+            else:
+                visit(child, path)
+
+    visit(model, "")
+    return found
+
+
+def compile_blocks(model: nn.Module, mode: str | None = None, backend: str = "inductor",
+                   dynamic: bool | None = None) -> list[str]:
+    """`torch.compile` every block of `repeated_blocks(model)` in place; returns their names.
+
+    mode: torch.compile's (None = default; "reduce-overhead" adds CUDA graphs: call
+    `torch.compiler.cudagraph_mark_step_begin()` before each training step). Set trainability (and
+    `vlpet.recompute.set_recompute`) first: a compiled block reads its modules as they are when it is traced.
+    """
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no repeated blocks (no nn.ModuleList of two or more modules of "
+                         f"one class) to compile; use torch.compile(model)")
+    for _, block in blocks:
+        block.compile(mode=mode, backend=backend, dynamic=dynamic)
+    return [name for name, _ in blocks]
