@@ -277,7 +277,8 @@ def measure(method, kind, name, device, dtype, b, size, steps, warmup):
             "first_step_s": None if first is None else round(first, 1)}
 
 
-def run(args) -> dict:
+def run(args, save=None) -> dict:
+    """The matrix; `save(data)` runs after every row (a run cut short keeps what it measured)."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float32 if args.tiny and device.type == "cpu" else torch.bfloat16
     data = {"benchmark": "vlm_train_step", "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -304,6 +305,9 @@ def run(args) -> dict:
                 try:
                     rows[method] = measure(method, kind, source, device, dtype, b, size, args.steps, args.warmup)
                     log(f"  {rows[method]}")
+                    data["results"][name] = {"batch": b, "image_size": size, "methods": rows, "partial": True}
+                    if save:
+                        save(data)
                 except torch.cuda.OutOfMemoryError:
                     failed = method
                 except Exception as exc:  # noqa: BLE001 - recorded, the matrix goes on
@@ -381,14 +385,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    data = run(args)
     name = "vlm_train_step" + ("-tiny" if args.tiny else "") + ".json"
     # a --tiny smoke run writes to benchmarks/results only when asked (--out), as train_step.py does
     folders = [Path(args.out)] if args.out else ([] if args.tiny else [HERE / "results"]) + (
         [Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps(data, indent=1) + "\n")
+
+    def save(data):
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(json.dumps(data, indent=1) + "\n")
+    data = run(args, save)
+    save(data)
     print(markdown(data))
     return 0 if not data["errors"] else 1
 
