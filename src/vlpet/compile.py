@@ -47,6 +47,12 @@ def compile_blocks(model: nn.Module, mode: str | None = None, backend: str = "in
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no repeated blocks (no nn.ModuleList of two or more modules of "
                          f"one class) to compile; use torch.compile(model)")
+    import torch._dynamo
+
+    # the blocks of one class share one code object, and each of its signatures (a DaViT stage's shapes, grad
+    # mode on in training and off in `frozen_image_features`, train / eval) is one cache entry of it: dynamo's
+    # default limit of 8 entries sent Florence-2-large's fifth stem conv back to eager on an H200
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for _, block in blocks:
         block.compile(mode=mode, backend=backend, dynamic=dynamic)
     return [name for name, _ in blocks]
