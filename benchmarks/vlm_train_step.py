@@ -220,7 +220,8 @@ def make_step(method, kind, name, device, dtype, inputs, labels):
     kw = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     if cached:  # computed once, outside the timed steps: the per-image cache
         with autocast(device, dtype):
-            kw["image_features"] = model.frozen_image_features(inputs["pixel_values"].to(dtype))
+            # a copy: with +cg the features are a CUDA-graph output, overwritten by the graph's next replay
+            kw["image_features"] = model.frozen_image_features(inputs["pixel_values"].to(dtype)).clone()
     else:
         kw["pixel_values"] = inputs["pixel_values"].to(dtype)
 
