@@ -241,7 +241,7 @@ def make_step(method, kind, name, device, dtype, inputs, labels):
 SUFFIXES = ("rc", "compile", "blocks", "cg")
 
 
-def measure(method, kind, name, device, dtype, b, size, steps, warmup):
+def measure(method, kind, name, device, dtype, b, size, steps, warmup, profile=0):
     from vlpet.backbones.loading import builtin_config, BUILTIN_BACKBONES
 
     if device.type == "cuda":
@@ -272,10 +272,27 @@ def measure(method, kind, name, device, dtype, b, size, steps, warmup):
         sync(device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    return {"batch": b, "median_ms": round(1000 * statistics.median(times), 2),
+    top = profile_step(step, device, profile) if profile else None
+    row = {"batch": b, "median_ms": round(1000 * statistics.median(times), 2),
             "samples_per_s": round(b / statistics.median(times), 2), "peak_gib": None if peak is None else round(peak, 2),
             "trainable": trainable, "total": total, "percent": round(100 * trainable / total, 4),
             "first_step_s": None if first is None else round(first, 1)}
+    return row | ({"top_ops": top} if top else {})
+
+
+def profile_step(step, device, n: int) -> list:
+    """One more step under torch.profiler: the n ops with the most device time (self), in ms, also logged."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:n]
+    top = [[e.key[:90], round(getattr(e, key) / 1000, 2), e.count] for e in events]
+    log("\n".join(f"    {ms:9.2f} ms  x{count:<5} {name}" for name, ms, count in top))
+    return top
 
 
 def run(args, save=None) -> dict:
@@ -304,7 +321,8 @@ def run(args, save=None) -> dict:
             for method in args.methods:
                 log(f"{name} {method} batch {b} ...")
                 try:
-                    rows[method] = measure(method, kind, source, device, dtype, b, size, args.steps, args.warmup)
+                    rows[method] = measure(method, kind, source, device, dtype, b, size, args.steps, args.warmup,
+                                            args.profile)
                     log(f"  {rows[method]}")
                     data["results"][name] = {"batch": b, "image_size": size, "methods": rows, "partial": True}
                     if save:
@@ -362,6 +380,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --tiny 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; --tiny 1)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed steps, profile one more step and log / record the N ops with the most "
+                        "device time (default 0: no profile)")
     p.add_argument("--tiny", action="store_true", help="tiny random models of the same classes (CPU smoke test)")
     p.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results unless --tiny, and $OUT when set)")
     a = p.parse_args(argv)
