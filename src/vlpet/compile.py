@@ -19,15 +19,23 @@ __all__ = ["repeated_blocks", "compile_blocks"]
 
 def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The outermost repeated blocks: the children of every `nn.ModuleList` that holds two or more modules of one
-    class (T5's `block`, BART's `layers`, a ViT's `layers`, Florence-2's DaViT `convs` and `blocks`), in module
-    order; a block's own inner lists are part of it."""
+    class (T5's `block`, BART's `layers`, a ViT's `layers`, Florence-2's DaViT `convs`), in module order; a block's
+    own inner lists are part of it. A list of lists (DaViT's `blocks`: one list per stage, iterated, never called)
+    gives the modules of its inner lists."""
     found: list[tuple[str, nn.Module]] = []
+
+    def callables(module: nn.Module, path: str):
+        if isinstance(module, nn.ModuleList):
+            for i, child in enumerate(module):
+                yield from callables(child, f"{path}.{i}")
+        else:
+            yield path, module
 
     def visit(module: nn.Module, prefix: str) -> None:
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
             if isinstance(child, nn.ModuleList) and len(child) >= 2 and len({type(c) for c in child}) == 1:
-                found.extend((f"{path}.{i}", block) for i, block in enumerate(child))
+                found.extend(callables(child, path))
             else:
                 visit(child, path)
 
