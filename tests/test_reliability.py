@@ -441,6 +441,10 @@ OPTION_CASES = {
     "lr-not-finite": ({"--lr": "nan"}, ["--lr", "positive finite number, got nan"]),
     "memory-budget-without-compile": ({"--memory-budget": "0.5"}, ["--memory-budget", "needs --compile"]),
     "memory-budget-out-of-range": ({"--memory-budget": "1.5", "--compile": None}, ["--memory-budget", "(0, 1]"]),
+    "compile-scope-without-compile": ({"--compile-scope": "blocks"}, ["--compile-scope blocks", "needs --compile"]),
+    "compile-scope-blocks-with-cuda-graphs": ({"--compile": None, "--compile-scope": "blocks",
+                                               "--compile-mode": "reduce-overhead"},
+                                              ["--compile-scope blocks", "reduce-overhead", "--compile-scope model"]),
     "frozen-bf16-with-fp32": ({"--frozen-dtype": "bf16"}, ["--frozen-dtype bf16", "needs --precision bf16"]),
 }
 

@@ -1,0 +1,96 @@
+"""Regional compilation (vlpet.compile): every repeated block of a tiny Florence-2 / BLIP-2 is found, compiled in
+place, and the compiled model gives the eager model's loss and gradients, with the same parameter names; one
+graph serves the blocks of a stack. Compiled with dynamo + AOT autograd (aot_eager backend: the inductor backend
+needs a C compiler and minutes on the 2-core machine; the H200 runs are in benchmarks/README.md)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from test_vlm import BLIP, FLORENCE, KINDS, batch
+
+from vlpet import VLModel
+from vlpet.compile import compile_blocks, repeated_blocks
+from vlpet.rng import fork_rng
+
+# two layers in each stack (the shared fixtures have one), two DaViT stages of depths 1 and 2
+STACKED = {
+    "florence2": {**FLORENCE, "vision_config": {**FLORENCE["vision_config"], "depths": [1, 2]},
+                  "text_config": {**FLORENCE["text_config"], "encoder_layers": 2, "decoder_layers": 2}},
+    "blip2": {**BLIP, "vision_config": {**BLIP["vision_config"], "num_hidden_layers": 2},
+              "text_config": {**BLIP["text_config"], "num_layers": 2, "num_decoder_layers": 2}},
+}
+BLOCKS = {  # what repeated_blocks must find, written from the configs above
+    "florence2": {"Florence2VisionConvEmbed": 2, "Florence2VisionBlock": 3, "BartEncoderLayer": 2,
+                  "BartDecoderLayer": 2},
+    "blip2": {"Blip2EncoderLayer": 2, "Blip2QFormerLayer": 2, "T5Block": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    import transformers
+
+    out = {}
+    for kind, cfg in STACKED.items():
+        cfg_cls, model_cls = KINDS[kind][:2]
+        with fork_rng(3):
+            model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**cfg))
+        out[kind] = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(out[kind])
+    return out
+
+
+def _loss_and_grads(model, kind):
+    inputs, labels = batch(kind)
+    out = model(**inputs, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("kind", sorted(STACKED))
+def test_repeated_blocks_are_every_layer_and_vision_block(folders, kind):
+    model = VLModel.build(str(folders[kind]), "vl-pet-large", load_tok=False)
+    blocks = repeated_blocks(model)
+    assert Counter(type(m).__name__ for _, m in blocks) == BLOCKS[kind]
+    for name, module in blocks:
+        assert model.get_submodule(name) is module
+
+
+@pytest.mark.parametrize("kind", sorted(STACKED))
+def test_compiled_blocks_give_the_eager_loss_and_gradients(folders, kind, one_thread):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = VLModel.build(str(folders[kind]), "vl-pet-large", load_tok=False).eval()  # eval: no dropout draws
+    with torch.no_grad():  # non-zero up-projections, so that every PET module changes the output
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    names = list(model.state_dict())
+    ref = _loss_and_grads(model, kind)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = compile_blocks(model, backend="aot_eager")
+        got = _loss_and_grads(model, kind)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert compiled == [n for n, _ in repeated_blocks(model)]
+    assert list(model.state_dict()) == names  # in place: the names a checkpoint holds do not change
+    assert 0 < graphs < len(compiled)  # the blocks of a stack share a graph
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
+    assert got[2].keys() == ref[2].keys()
+    for n in ref[2]:
+        torch.testing.assert_close(got[2][n], ref[2][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_a_model_with_no_repeated_blocks_is_an_error():
+    with pytest.raises(ValueError, match="Linear has no repeated blocks"):
+        compile_blocks(torch.nn.Linear(2, 2))
