@@ -212,9 +212,6 @@ def make_step(method, kind, name, device, dtype, inputs, labels):
         from vlpet.recompute import set_recompute
 
         set_recompute(model, True)
-    run_model = torch.compile(model, mode=mode) if "compile" in suffixes else model  # inductor
-    if "blocks" in suffixes:
-        compile_blocks(model, mode=mode)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     kw = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
@@ -224,6 +221,11 @@ def make_step(method, kind, name, device, dtype, inputs, labels):
             kw["image_features"] = model.frozen_image_features(inputs["pixel_values"].to(dtype)).clone()
     else:
         kw["pixel_values"] = inputs["pixel_values"].to(dtype)
+    # after the cache is filled: a cache is built once, eagerly (and CUDA graphs of blocks that share one graph
+    # cannot run the frozen tower without gradients, see vlpet.train.loop's --compile-scope check)
+    run_model = torch.compile(model, mode=mode) if "compile" in suffixes else model  # inductor
+    if "blocks" in suffixes:
+        compile_blocks(model, mode=mode)
 
     def step():
         if mode:
