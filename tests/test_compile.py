@@ -91,6 +91,50 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(folders, kind, one_th
         torch.testing.assert_close(got[2][n], ref[2][n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("kind", sorted(STACKED))
+def test_generate_through_compiled_blocks_equals_eager(folders, kind, one_thread):
+    """Evaluation in `vlpet train --compile` generates through the compiled blocks (no gradients, a growing KV
+    cache): the same tokens as the eager model."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = VLModel.build(str(folders[kind]), "vl-pet-large", load_tok=False).eval()
+    inputs, _ = batch(kind)
+    with torch.no_grad():
+        ref = model.generate(**inputs, num_beams=2, max_new_tokens=5)
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            compile_blocks(model, backend="aot_eager")
+            got = model.generate(**inputs, num_beams=2, max_new_tokens=5)
+            graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        finally:
+            torch._dynamo.reset()
+    assert torch.equal(got, ref)
+    assert graphs > 0 and breaks == 0
+
+
+@pytest.mark.parametrize(("scope", "image_path", "decoder_only", "mode", "expected"), [
+    ("auto", "florence2", False, "default", "blocks"),
+    ("auto", "blip2", False, "max-autotune-no-cudagraphs", "blocks"),
+    ("auto", "blip2", False, "reduce-overhead", "model"),  # CUDA graphs: one graph (see the config check)
+    ("auto", None, False, "default", "model"),  # VL-BART / VL-T5: their measured path
+    ("auto", "llava", True, "default", "model"),  # decoder-only VLMs: theirs
+    ("model", "florence2", False, "default", "model"),
+    ("blocks", None, False, "default", "blocks"),
+])
+def test_compile_scope_auto(scope, image_path, decoder_only, mode, expected):
+    from types import SimpleNamespace
+
+    from vlpet.train.loop import Trainer
+
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(compile_scope=scope, compile_mode=mode),
+        model=SimpleNamespace(native_inputs=image_path is not None,
+                              arch=SimpleNamespace(image_path=image_path, decoder_only=decoder_only)))
+    assert Trainer._compile_scope(trainer) == expected
+
+
 def test_a_model_with_no_repeated_blocks_is_an_error():
     with pytest.raises(ValueError, match="Linear has no repeated blocks"):
         compile_blocks(torch.nn.Linear(2, 2))

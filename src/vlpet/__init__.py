@@ -12,8 +12,12 @@ def __getattr__(name):  # keep `import vlpet` light: torch/transformers load on 
         from . import model
 
         return getattr(model, name)
+    if name == "compile_blocks":
+        from .compile import compile_blocks
+
+        return compile_blocks
     raise AttributeError(name)
 
 
-__all__ = ["VLModel", "VisualConfig", "get_vlpet_model", "MethodConfig", "ModuleSpec", "PRESETS", "get_preset", "VLPetError",
-           "ConfigError", "ShapeError", "CheckpointError", "TrainingError"]
+__all__ = ["VLModel", "VisualConfig", "get_vlpet_model", "compile_blocks", "MethodConfig", "ModuleSpec", "PRESETS",
+           "get_preset", "VLPetError", "ConfigError", "ShapeError", "CheckpointError", "TrainingError"]
