@@ -138,3 +138,41 @@ def test_compile_scope_auto(scope, image_path, decoder_only, mode, expected):
 def test_a_model_with_no_repeated_blocks_is_an_error():
     with pytest.raises(ValueError, match="Linear has no repeated blocks"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow  # inductor compiles on the CPU, ~70 s on 2 cores: `bootstrap.sh test -m slow` (CI runs it)
+def test_vlpet_train_compile_runs_by_blocks_from_images(tmp_path, monkeypatch):
+    """`vlpet train --compile` on a Florence-2 compiles each block (the auto scope) with inductor, and trains and
+    evaluates from raw images through the feature cache: the cache of the validation split, filled after
+    training began, recompiles the image path with static shapes instead of failing in inductor's dynamic-shape
+    analysis (as it did with dynamic shapes). Without the cache it ran too (by hand, 56 s)."""
+    import json
+
+    from vlm_fixtures import make_tiny_florence2
+
+    from vlpet.cli import main
+    from vlpet.data import make_image_fixture
+
+    compiled = []
+    original = torch.nn.Module.compile
+
+    def recording(self, *args, **kwargs):
+        compiled.append((type(self).__name__, kwargs.get("dynamic")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recording)
+    model_dir = make_tiny_florence2(tmp_path / "model")
+    fx = make_image_fixture(tmp_path / "images", n_per_split=6)
+    rc = main(["train", "--backbone", str(model_dir), "--method", "vl-pet-large", "--data-root", str(fx.data.root),
+               "--image-root", str(fx.image_root), "--output", str(tmp_path / "run"), "--batch-size", "6",
+               "--lr", "3e-2", "--seed", "1", "--caption-metrics", "BLEU-4,CIDEr", "--device", "cpu",
+               "--no-progress", "--epochs", "3", "--compile", "--image-cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    names = Counter(name for name, _ in compiled)
+    assert names == {"Florence2VisionConvEmbed": 2, "Florence2VisionBlock": 2}  # the tiny LM has one layer each
+    assert all(dynamic is False for _, dynamic in compiled)  # the image path: static shapes
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    for task in ("gqa", "nlvr", "caption"):  # as tests/test_vlm_images.py (VQA's loss is too noisy here)
+        curve = [r[f"loss/{task}"] for r in rows if f"loss/{task}" in r]
+        assert curve[-1] < curve[0] - 0.05, (task, curve)
+    assert (tmp_path / "run" / "adapter-last").is_dir()

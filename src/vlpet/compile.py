@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["repeated_blocks", "compile_blocks"]
+__all__ = ["repeated_blocks", "compile_blocks", "image_parts"]
 
 
 def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -43,13 +43,23 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def image_parts(model: nn.Module) -> tuple[str, ...]:
+    """The module paths of a vlpet VLM's frozen image path (its architecture table's `vision_parts`), else ()."""
+    arch = getattr(model, "arch", None)
+    if arch is None or not getattr(model, "native_inputs", False):
+        return ()
+    return tuple(f"backbone.{part}" for part in arch.vision_parts)
+
+
 def compile_blocks(model: nn.Module, mode: str | None = None, backend: str = "inductor",
-                   dynamic: bool | None = None) -> list[str]:
+                   dynamic: bool | None = None, static_under: tuple[str, ...] | None = None) -> list[str]:
     """`torch.compile` every block of `repeated_blocks(model)` in place; returns their names.
 
     mode: torch.compile's (None = default; "reduce-overhead" adds CUDA graphs: call
-    `torch.compiler.cudagraph_mark_step_begin()` before each training step). Set trainability (and
-    `vlpet.recompute.set_recompute`) first: a compiled block reads its modules as they are when it is traced.
+    `torch.compiler.cudagraph_mark_step_begin()` before each training step, and run the blocks with gradients
+    only). static_under: module paths whose blocks compile with static shapes (default: a vlpet VLM's image path,
+    `image_parts`). Set trainability (and `vlpet.recompute.set_recompute`) first: a compiled block reads its
+    modules as they are when it is traced.
     """
     blocks = repeated_blocks(model)
     if not blocks:
@@ -61,6 +71,11 @@ def compile_blocks(model: nn.Module, mode: str | None = None, backend: str = "in
     # mode on in training and off in `frozen_image_features`, train / eval) is one cache entry of it: dynamo's
     # default limit of 8 entries sent Florence-2-large's fifth stem conv back to eager on an H200
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for _, block in blocks:
-        block.compile(mode=mode, backend=backend, dynamic=dynamic)
+    # An image path sees one image size, so only its batch varies: static shapes cost a graph per batch size.
+    # Dynamic ones broke there: inductor's range analysis of DaViT's window padding raised "ValueRangeError:
+    # Invalid ranges [0:-1]" (torch 2.13, tiny Florence-2, the validation batch after the training ones).
+    static_under = image_parts(model) if static_under is None else static_under
+    for name, block in blocks:
+        static = any(name == p or name.startswith(p + ".") for p in static_under)
+        block.compile(mode=mode, backend=backend, dynamic=False if static else dynamic)
     return [name for name, _ in blocks]
