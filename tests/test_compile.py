@@ -135,6 +135,23 @@ def test_compile_scope_auto(scope, image_path, decoder_only, mode, expected):
     assert Trainer._compile_scope(trainer) == expected
 
 
+@pytest.mark.parametrize("kind", sorted(STACKED))
+def test_the_image_path_compiles_static_and_the_language_model_dynamic(folders, kind, monkeypatch):
+    """Images come at one size (only the batch varies), text lengths vary from batch to batch."""
+    from vlpet.compile import image_parts
+
+    model = VLModel.build(str(folders[kind]), "vl-pet-large", load_tok=False)
+    seen = {}
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.__setitem__(id(self), kw["dynamic"]))
+    compile_blocks(model)
+    parts = image_parts(model)
+    assert parts
+    for name, block in repeated_blocks(model):
+        image = any(name.startswith(p + ".") for p in parts)
+        assert seen[id(block)] is (False if image else None), name
+    assert any(v is False for v in seen.values()) and any(v is None for v in seen.values())
+
+
 def test_a_model_with_no_repeated_blocks_is_an_error():
     with pytest.raises(ValueError, match="Linear has no repeated blocks"):
         compile_blocks(torch.nn.Linear(2, 2))
