@@ -49,16 +49,26 @@ def tiny_config(arch: str, **overrides):
     return T5Config(**kw)
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def import_benchmark(name: str):
+    """A script of benchmarks/ as a module, its folder on sys.path as when it runs (the scripts import _bench)."""
+    import importlib
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
 def save_tiny_backbone(folder: Path, arch: str, seed: int = 0, **overrides) -> Path:
     from transformers import BartForConditionalGeneration, T5ForConditionalGeneration
 
     cls = BartForConditionalGeneration if arch == "bart" else T5ForConditionalGeneration
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    from vlpet.rng import fork_rng
+
+    with fork_rng(seed):
         model = cls(tiny_config(arch, **overrides))
-    finally:
-        torch.random.set_rng_state(state)
     model.save_pretrained(folder)
     return folder
 
@@ -238,12 +248,10 @@ def make_tiny_bart(folder, d_model: int = 48, layers: int = 2, dropout: float = 
         max_position_embeddings=max_positions, dropout=dropout, attention_dropout=0.0, activation_dropout=0.0,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         decoder_start_token_id=tok.eos_token_id, forced_bos_token_id=None, forced_eos_token_id=None)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    from vlpet.rng import fork_rng
+
+    with fork_rng(seed):
         transformers.BartForConditionalGeneration(cfg).save_pretrained(folder)
-    finally:
-        torch.random.set_rng_state(state)
     tok.save_pretrained(folder)
     return folder, tok
 

@@ -1,13 +1,11 @@
 """Every benchmark script's --help works and names its own options (README / benchmarks/README.md quote them)."""
 
-import importlib
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import BENCHMARKS, import_benchmark
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_"))
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.stem.startswith("_"))
 
 
 def test_the_list_is_not_empty():
@@ -16,8 +14,7 @@ def test_the_list_is_not_empty():
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_benchmark_help(name, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    module = importlib.import_module(name)
+    module = import_benchmark(name)
     monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
     with pytest.raises(SystemExit) as exc:
         module.main(["--help"])

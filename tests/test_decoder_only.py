@@ -547,11 +547,10 @@ def test_benchmark_tiny_smoke(tmp_path):
     """benchmarks/train_step.py --backbones <decoder-only> runs its own matrix on the CPU --tiny path, with the
     rows named in --methods (also in the --methods=... form) and the recompute rows named <preset>+rc."""
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import train_step
+    from conftest import import_benchmark
+
+    train_step = import_benchmark("train_step")
 
     rc = train_step.main(["--backbones", "smolvlm-2b", "--methods=floor,vl-pet-large+rc", "--device", "cpu",
                           "--tiny", "--steps", "1", "--warmup", "0", "--out", str(tmp_path),

@@ -4,24 +4,16 @@ the script, not a measurement (its numbers mean nothing at this budget)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import import_benchmark
 
 pytest.importorskip("easy_vqa")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decoder_only_easyvqa.py"
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("decoder_only_easyvqa", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return import_benchmark("decoder_only_easyvqa")
 
 
 def test_quick_run_has_every_row_and_sane_values(tmp_path):

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import types
 import typing
-from pathlib import Path
 
 import pytest
+from conftest import import_benchmark
 
 from vlpet.demo.run import DemoSettings
 from vlpet.presets import get_preset
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_sweep.py"
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("demo_sweep", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return import_benchmark("demo_sweep")
 
 
 def _has_type(value, hint) -> bool:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import import_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import pet_flops  # noqa: E402
+pet_flops = import_benchmark("pet_flops")
 
 
 @pytest.mark.parametrize("method", ["vl-pet-large", "plain-peft-lora"])  # floor: the same path, no PET module

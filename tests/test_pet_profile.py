@@ -1,14 +1,12 @@
 """benchmarks/pet_profile.py (issue 19): its attribution rules and its CPU smoke path."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import import_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import pet_profile as PP  # noqa: E402
+PP = import_benchmark("pet_profile")
 
 
 @pytest.mark.parametrize("name, cat", [

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import trainer_run
+from conftest import import_benchmark, trainer_run
 
 from vlpet import ConfigError, MethodConfig, VLModel, VLPetError, get_vlpet_model
 from vlpet.presets import PRESETS
+from vlpet.rng import fork_rng
 
 D = 32
 FLORENCE = {
@@ -56,12 +57,8 @@ def vlm_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlms")
     out = {}
     for kind, (cfg_cls, model_cls, cfg, _) in KINDS.items():
-        state = torch.random.get_rng_state()
-        torch.manual_seed(1)
-        try:
+        with fork_rng(1):
             model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**cfg))
-        finally:
-            torch.random.set_rng_state(state)
         model.save_pretrained(root / kind)
         out[kind] = str(root / kind)
     return out
@@ -385,11 +382,8 @@ def test_builtin_vlms_build_offline_on_meta(name, billions, d_model, r):
 def test_benchmark_tiny_smoke(tmp_path):
     """benchmarks/train_step.py --backbones <VLM> dispatches to the VLM matrix; its CPU --tiny path runs."""
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import train_step
+    train_step = import_benchmark("train_step")
 
     rc = train_step.main(["--backbones", "florence2-base", "--methods",
                           "floor,vl-pet-large,vl-pet-large-cached,plain-peft-lora", "--device", "cpu", "--tiny",
