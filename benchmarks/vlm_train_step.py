@@ -26,7 +26,8 @@ Methods:
   <method>+cg          with +compile / +blocks: mode reduce-overhead (CUDA graphs)
 Figures: median step time over --steps after --warmup (synchronised wall clock), peak =
 torch.cuda.max_memory_allocated since a reset before the method's model is built (GiB), first_step_s = the
-first (warm-up) step, which includes any compilation.
+first (warm-up) step, which includes any compilation (dynamo is reset before each row, so a row does not reuse
+an earlier row's graphs).
 """
 
 from __future__ import annotations
@@ -246,6 +247,9 @@ SUFFIXES = ("rc", "compile", "blocks", "cg")
 def measure(method, kind, name, device, dtype, b, size, steps, warmup, profile=0):
     from vlpet.backbones.loading import builtin_config, BUILTIN_BACKBONES
 
+    import torch._dynamo
+
+    torch._dynamo.reset()  # each row compiles its own graphs (first_step_s counts them; cache entries do not pile up)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

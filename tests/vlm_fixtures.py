@@ -83,9 +83,9 @@ def _blip_parts(tok, **qformer):
     return {"vision_config": vision, "qformer_config": q, "text_config": text}
 
 
-def make_tiny_florence2(folder, seed: int = 0) -> Path:
-    """A tiny random Florence2ForConditionalGeneration + Florence2Processor (GPT-2 BPE tokenizer with an
-    <image> token, CLIP image processor at 32 px) saved to ``folder``."""
+def make_tiny_florence2(folder, seed: int = 0, layers: int = 1) -> Path:
+    """A tiny random Florence2ForConditionalGeneration (``layers`` encoder and decoder layers) + Florence2Processor
+    (GPT-2 BPE tokenizer with an <image> token, CLIP image processor at 32 px) saved to ``folder``."""
     import transformers
 
     folder = Path(folder)
@@ -98,8 +98,8 @@ def make_tiny_florence2(folder, seed: int = 0) -> Path:
                        "patch_prenorm": [False, True], "embed_dim": [16, 32], "num_heads": [2, 4],
                        "num_groups": [2, 4], "window_size": 4, "projection_dim": 32, "max_position_embeddings": 16,
                        "max_temporal_embeddings": 8, "drop_path_rate": 0.0},
-        text_config={"model_type": "bart", "vocab_size": len(tok), "d_model": 32, "encoder_layers": 1,
-                     "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+        text_config={"model_type": "bart", "vocab_size": len(tok), "d_model": 32, "encoder_layers": layers,
+                     "decoder_layers": layers, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
                      "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "max_position_embeddings": 128,
                      "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
                      "eos_token_id": tok.eos_token_id, "decoder_start_token_id": tok.eos_token_id,

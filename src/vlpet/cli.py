@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                    default=None, help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--compile-scope", choices=("auto", "model", "blocks"), default=None,
-                   help="with --compile: model = one graph; blocks = each layer / vision stage compiled in place "
+                   help="with --compile: model = one graph; blocks = each layer and vision block compiled in place "
                         "(BLIP-2 Flan-T5-XL's first step: 36 s on an H200; as one graph, not done after 4.5 min); "
                         "auto (default) = blocks for Florence-2 / BLIP-2 / InstructBLIP unless --compile-mode "
                         "reduce-overhead, else model")

@@ -44,11 +44,14 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def image_parts(model: nn.Module) -> tuple[str, ...]:
-    """The module paths of a vlpet VLM's frozen image path (its architecture table's `vision_parts`), else ()."""
+    """The module paths of a vlpet VLM's frozen image path (`vlpet.backbones.vlm.FROZEN_FEATURE_MODULES`: what
+    `frozen_image_features` runs, images in, nothing else), else ()."""
+    from .backbones.vlm import FROZEN_FEATURE_MODULES
+
     arch = getattr(model, "arch", None)
     if arch is None or not getattr(model, "native_inputs", False):
         return ()
-    return tuple(f"backbone.{part}" for part in arch.vision_parts)
+    return tuple(f"backbone.{part}" for part in FROZEN_FEATURE_MODULES.get(arch.image_path, ()))
 
 
 def compile_blocks(model: nn.Module, mode: str | None = None, backend: str = "inductor",
@@ -67,10 +70,13 @@ def compile_blocks(model: nn.Module, mode: str | None = None, backend: str = "in
                          f"one class) to compile; use torch.compile(model)")
     import torch._dynamo
 
-    # the blocks of one class share one code object, and each of its signatures (a DaViT stage's shapes, grad
-    # mode on in training and off in `frozen_image_features`, train / eval) is one cache entry of it: dynamo's
-    # default limit of 8 entries sent Florence-2-large's fifth stem conv back to eager on an H200
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # The blocks of one class share one code object, and each of its signatures (a DaViT stage's shapes, a batch
+    # size of the static image path, grad mode on in training and off in the feature cache and evaluation) is one
+    # cache entry of it: dynamo's default limit of 8 sent Florence-2-large's stem convs (4 shapes x 2 grad modes,
+    # then a ninth) back to eager on an H200. Past the limit dynamo warns and runs the block eagerly.
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(config, limit, max(getattr(config, limit), 256))
     # An image path sees one image size, so only its batch varies: static shapes cost a graph per batch size.
     # Dynamic ones broke there: inductor's range analysis of DaViT's window padding raised "ValueRangeError:
     # Invalid ranges [0:-1]" (torch 2.13, tiny Florence-2, the validation batch after the training ones).

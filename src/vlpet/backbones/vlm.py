@@ -51,6 +51,12 @@ def image_token_id(config) -> int:
     return value
 
 
+#: the modules `frozen_features` runs, by image path (paths from the VLM's root): their inputs are images only,
+#: so their shapes change with the batch alone (InstructBLIP's Q-Former reads the instruction: not here)
+FROZEN_FEATURE_MODULES = {"florence2": ("model.vision_tower",), "blip2": ("vision_model", "qformer"),
+                          "instructblip": ("vision_model",)}
+
+
 def _blip_vision(backbone, pixel_values):
     return backbone.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
 

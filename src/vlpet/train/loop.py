@@ -49,7 +49,8 @@ COMPILE_SCOPES = ("auto", "model", "blocks")
 # Settings that may differ between an interrupted run and its resumption (a moved run folder resumes too).
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "num_workers", "eval_test", "debug", "output",
                      "image_cache", "image_cache_dir",  # the cache changes where features come from, not what they are
-                     "recompute"}  # the same forward run again in the backward (a run short of memory may add it)
+                     "recompute",  # the same forward run again in the backward (a run short of memory may add it)
+                     "compile_scope"}  # how the same model is compiled (runs saved before it existed lack it)
 
 
 @dataclass
@@ -376,10 +377,15 @@ class Trainer:
         finished its first step in 4.5 minutes on an H200; by blocks its first step took 36 s, Florence-2-large's
         122 s), unless CUDA graphs are asked for; one graph otherwise (VL-BART / VL-T5, decoder-only VLMs: their
         measured path)."""
+        from ..compile import repeated_blocks
+
         scope = self.cfg.compile_scope
         if scope == "auto":
             vlm_encoder_decoder = self.model.native_inputs and not self.model.arch.decoder_only
             scope = "blocks" if vlm_encoder_decoder and self.cfg.compile_mode != "reduce-overhead" else "model"
+        if scope == "blocks" and not repeated_blocks(self.model):
+            raise ConfigError(f"--compile-scope blocks: {self.cfg.backbone} has no repeated blocks (no list of two or "
+                              f"more layers of one class) to compile; use --compile-scope model")
         return scope
 
     @staticmethod
