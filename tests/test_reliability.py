@@ -739,10 +739,10 @@ def test_recompute_flag_on_a_method_without_pet_modules(assets, tmp_path, capsys
 
 def test_resume_may_add_recompute_and_a_run_config_without_it_resumes(assets, run_copy, capsys):
     """--recompute changes memory, not what is trained, so a run may be resumed with it; and a run_config.json
-    written before the option existed (no "recompute" key) still resumes."""
+    written before the option (or --compile-scope) existed, without its key, still resumes."""
     cfg = run_copy / "run_config.json"
     record = json.loads(cfg.read_text())
-    record.pop("recompute", None)
+    assert record.pop("recompute") is False and record.pop("compile_scope") == "auto"
     cfg.write_text(json.dumps(record))
     rc, _, err = cli(capsys, train_args(assets, run_copy, "--resume", "--recompute"))
     assert rc == 0, err
