@@ -49,13 +49,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from _bench import git_commit, split_suffixes  # noqa: E402
+from _bench import git_commit, peak_gib, split_suffixes, sync  # noqa: E402
 
 VLM_BACKBONES = ("florence2-base", "florence2-large", "blip2-flan-t5-xl")
 METHODS = ("floor", "vl-pet-large", "vl-pet-large-cached", "lora", "plain-peft-lora", "full")
 IMAGE_SIZE = {"florence2": 768, "blip2": 224, "instructblip": 224}
 TEXT_LEN, TARGET_LEN, CLIP = 20, 10, 5.0
-GIB = 2 ** 30
 
 
 def log(msg):
@@ -155,11 +154,6 @@ def autocast(device, dtype):
 
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_step(method, kind, name, device, dtype, inputs, labels):
@@ -263,27 +257,25 @@ def measure(method, kind, name, device, dtype, b, size, steps, warmup, profile=0
 
     inputs, labels = make_batch(config, kind, b, size, device, text_config(config).vocab_size)
     step, trainable, total = make_step(method, kind, name, device, dtype, inputs, labels)
-    first = None
-    for _ in range(warmup):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        first = first if first is not None else time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    warm = [timed(step, device) for _ in range(warmup)]  # the first includes any compilation
+    times = [timed(step, device) for _ in range(steps)]
+    first = warm[0] if warm else None
+    peak = peak_gib(device)
     top = profile_step(step, device, profile) if profile else None
     row = {"batch": b, "median_ms": round(1000 * statistics.median(times), 2),
             "samples_per_s": round(b / statistics.median(times), 2), "peak_gib": None if peak is None else round(peak, 2),
             "trainable": trainable, "total": total, "percent": round(100 * trainable / total, 4),
             "first_step_s": None if first is None else round(first, 1)}
     return row | ({"top_ops": top} if top else {})
+
+
+def timed(step, device) -> float:
+    """Seconds of one step, synchronised at both ends."""
+    sync(device)
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def profile_step(step, device, n: int) -> list:

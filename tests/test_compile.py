@@ -9,11 +9,10 @@ from collections import Counter
 
 import pytest
 import torch
-from test_vlm import BLIP, FLORENCE, KINDS, batch, vlm_folders  # noqa: F401 (a fixture)
+from test_vlm import BLIP, FLORENCE, batch, save_vlm, vlm_folders  # noqa: F401 (a fixture)
 
 from vlpet import VLModel
 from vlpet.compile import compile_blocks, repeated_blocks
-from vlpet.rng import fork_rng
 
 # two layers in each stack (the shared fixtures have one), two DaViT stages of depths 1 and 2
 STACKED = {
@@ -31,16 +30,7 @@ BLOCKS = {  # what repeated_blocks must find, written from the configs above
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    import transformers
-
-    out = {}
-    for kind, cfg in STACKED.items():
-        cfg_cls, model_cls = KINDS[kind][:2]
-        with fork_rng(3):
-            model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**cfg))
-        out[kind] = tmp_path_factory.mktemp(kind)
-        model.save_pretrained(out[kind])
-    return out
+    return {kind: save_vlm(kind, cfg, tmp_path_factory.mktemp(kind), seed=3) for kind, cfg in STACKED.items()}
 
 
 def _loss_and_grads(model, kind):

@@ -50,18 +50,21 @@ def hf_class(kind):
     return getattr(transformers, KINDS[kind][1])
 
 
-@pytest.fixture(scope="session")
-def vlm_folders(tmp_path_factory):
+def save_vlm(kind: str, cfg: dict, folder, seed: int):
+    """The VLM class of ``kind`` built from ``cfg`` (drawn under ``seed``), saved to ``folder``."""
     import transformers
 
+    cfg_cls, model_cls = KINDS[kind][:2]
+    with fork_rng(seed):
+        model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**cfg))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vlm_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlms")
-    out = {}
-    for kind, (cfg_cls, model_cls, cfg, _) in KINDS.items():
-        with fork_rng(1):
-            model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**cfg))
-        model.save_pretrained(root / kind)
-        out[kind] = str(root / kind)
-    return out
+    return {kind: str(save_vlm(kind, cfg, root / kind, seed=1)) for kind, (_, _, cfg, _) in KINDS.items()}
 
 
 def batch(kind, b=2, text=6, seed=0):

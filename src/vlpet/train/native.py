@@ -19,11 +19,6 @@ from typing import Any
 from ..errors import ConfigError
 from .evaluate import _decoder_only
 
-#: modules that ``frozen_image_features`` runs, by their parameter-name parts (Florence-2, BLIP-2, InstructBLIP)
-FROZEN_IMAGE_PARTS = {"florence2": ("vision_tower",), "blip-2": ("vision_model", "qformer", "query_tokens"),
-                      "instructblip": ("vision_model",)}
-
-
 @dataclasses.dataclass
 class NativeSetup:
     """What the trainer keeps for raw images (``trainer.native``)."""
@@ -42,15 +37,12 @@ def vlm_model_type(model) -> str:
 def image_path_frozen(model) -> bool:
     """True when no trainable tensor lies in the part of the image path that ``frozen_image_features`` runs."""
     arch_parts = getattr(getattr(model, "arch", None), "vision_parts", None)
-    if arch_parts:  # the architecture table's frozen vision parts, e.g. "model.vision_tower"
-        backbone = getattr(model, "backbone", model)
-        return not any(p.requires_grad for part in arch_parts
-                       for name, p in backbone.named_parameters() if name == part or name.startswith(part + "."))
-    parts = FROZEN_IMAGE_PARTS.get(vlm_model_type(model), ())
-    if not parts:
+    if not arch_parts:  # not a VLM of the architecture table: nothing known to cache
         return False
-    return not any(p.requires_grad and any(part in name.split(".") for part in parts)
-                   for name, p in model.named_parameters())
+    # the architecture table's frozen vision parts, e.g. "model.vision_tower"
+    backbone = getattr(model, "backbone", model)
+    return not any(p.requires_grad for part in arch_parts
+                   for name, p in backbone.named_parameters() if name == part or name.startswith(part + "."))
 
 
 def load_vlm(backbone: str, method, seed: int, overrides: dict | None = None, config_arch=None):
